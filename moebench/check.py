@@ -1,0 +1,91 @@
+"""Correctness checks against the reference: a failed check is a ``mismatch`` row."""
+
+from __future__ import annotations
+
+import torch
+
+from moebench.routing import RoutingMetadata
+
+
+class Mismatch(Exception):
+    """The implementation's result differs from the reference; the message says where."""
+
+
+#: (rtol, atol) for values computed in fp32 and rounded to the dtype (combine, weights)
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with values no correct kernel leaves behind."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-(2**30) if t.dtype in (torch.int32, torch.int64) else 0)
+
+
+def assert_equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    if got.shape != ref.shape:
+        raise Mismatch(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    if got.dtype.is_floating_point and torch.isnan(got).any():
+        n = int(torch.isnan(got).sum())
+        raise Mismatch(f"{what}: {n} elements unwritten or NaN")
+    bad = got != ref.to(got.dtype)
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise Mismatch(f"{what}: {int(bad.sum())} of {ref.numel()} elements differ, first at {i}: "
+                       f"{got[tuple(i)].item()} != {ref[tuple(i)].item()}")
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, dtype: torch.dtype | None = None,
+                 rtol: float | None = None, atol: float | None = None) -> None:
+    if got.shape != ref.shape:
+        raise Mismatch(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    r, a = TOLERANCE[dtype or got.dtype]
+    rtol, atol = rtol if rtol is not None else r, atol if atol is not None else a
+    g, f = got.float(), ref.float()
+    if torch.isnan(g).any() and not torch.isnan(f).any():
+        raise Mismatch(f"{what}: {int(torch.isnan(g).sum())} elements unwritten or NaN")
+    bad = (g - f).abs() > atol + rtol * f.abs()
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise Mismatch(f"{what}: {int(bad.sum())} of {ref.numel()} elements beyond rtol={rtol:g} atol={atol:g}, "
+                       f"first at {i}: {g[tuple(i)].item():.6g} vs {f[tuple(i)].item():.6g}")
+
+
+def check_route(got, ref, *, selection: torch.Tensor | None, exact_ties: bool, weight_rtol=1e-5,
+                weight_atol=1e-6, selection_rtol=0.0) -> None:
+    """ids [T, S] and weights [T, S] against the reference.
+
+    An implementation that claims the reference tie-break (``exact_ties``) must return the
+    same ids in the same order. Otherwise it may pick a different expert among experts with
+    equal selection scores: then the selection scores of its ids must equal the reference's
+    (as multisets per token, within ``selection_rtol``) and the weights must match once both
+    are sorted.
+    """
+    (gi, gw), (ri, rw) = got, ref
+    if exact_ties:
+        assert_equal(gi.to(ri.dtype), ri, "expert ids")
+        assert_close(gw.float(), rw, "gate weights", rtol=weight_rtol, atol=weight_atol)
+        return
+    if gi.shape != ri.shape:
+        raise Mismatch(f"expert ids: shape {tuple(gi.shape)} != reference {tuple(ri.shape)}")
+    gl = gi.long()
+    if ((gl < 0) | (gl >= selection.shape[1])).any():
+        raise Mismatch("expert ids: out of range")
+    srt = gl.sort(1).values
+    if (srt[:, 1:] == srt[:, :-1]).any():
+        raise Mismatch("expert ids: a token got the same expert twice")
+    gs = selection.gather(1, gl).sort(1, descending=True).values
+    rs = selection.gather(1, ri.long()).sort(1, descending=True).values
+    assert_close(gs, rs, "selection scores of the chosen experts", rtol=selection_rtol, atol=0.0)
+    assert_close(gw.float().sort(1, descending=True).values, rw.sort(1, descending=True).values,
+                 "gate weights (sorted)", rtol=weight_rtol, atol=weight_atol)
+
+
+def check_metadata(got: RoutingMetadata, ref: RoutingMetadata) -> None:
+    for name in ("counts", "offsets", "gather_idx", "scatter_idx", "routed_counts"):
+        assert_equal(getattr(got, name).to(torch.int64), getattr(ref, name).to(torch.int64), name)
+    assert_close(got.weights, ref.weights, "weights", rtol=1e-6, atol=1e-7)

@@ -1,0 +1,206 @@
+"""The measurement harness: fresh seeded inputs, one checked run against the reference
+(outputs poisoned first), then timing. A mismatch is a ``mismatch`` row and is never timed;
+a case an implementation cannot handle is an ``unsupported`` row with the reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+
+from moebench import routing
+from moebench.check import Mismatch, assert_close, assert_equal, check_metadata, check_route, poison
+from moebench.config import JobSpec
+from moebench.impls.base import Impl, Unsupported
+from moebench.logits import make_logits
+from moebench.timing import Timer, first_call_ms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """One job's seeded inputs and the reference results every stage is checked against."""
+
+    logits: torch.Tensor
+    bias: torch.Tensor | None
+    ids: torch.Tensor
+    weights: torch.Tensor
+    meta: routing.RoutingMetadata
+    num_rows: int
+    x: torch.Tensor
+    y: torch.Tensor
+    ref_packed: torch.Tensor
+    ref_combined: torch.Tensor
+    ref_total: torch.Tensor
+
+
+def make_inputs(job: JobSpec) -> Inputs:
+    T, E, k, H, dev, dt = job.tokens, job.experts, job.topk, job.hidden, job.device, job.dtype
+    lg = {key: v for key, v in job.logits.items() if key != "kind"}
+    logits = make_logits(job.logits["kind"], T, E, seed=job.seed, dtype=dt, device=dev, **lg)
+    bias = job.router.expert_bias(E, dev, job.seed)
+    ids, w = routing.route(logits, k, job.router, bias)
+    num_rows = job.router.num_rows(T, k, E)
+    meta = routing.build_metadata(ids, w, E, job.capacity, num_rows)
+    g = torch.Generator(device=dev).manual_seed(job.seed + 1)
+    x = torch.randn(T, H, generator=g, device=dev, dtype=torch.float32).to(dt)
+    y = torch.randn(meta.num_rows, H, generator=g, device=dev, dtype=torch.float32).to(dt)
+    packed = routing.pack(x, meta)
+    return Inputs(logits, bias, ids, w, meta, num_rows, x, y, packed,
+                  routing.combine(y, meta, weighted=job.weighted),
+                  routing.combine(packed, meta, weighted=job.weighted))
+
+
+def strict_bytes(job: JobSpec, inp: Inputs, stage: str) -> int:
+    """Bytes a stage must move at the least (seed conventions for dropless routing:
+    pack (1 + k)·H·b per token, combine (k + 1)·H·b, pack+combine (2 + 2k)·H·b;
+    top-k = logits read + ids and fp32 weights written)."""
+    T, E, H = job.tokens, job.experts, job.hidden
+    b = torch.finfo(job.dtype).bits // 8
+    S, R = inp.ids.shape[1], inp.meta.num_rows
+    kept = int((inp.meta.scatter_idx >= 0).sum())
+    if stage == "route":
+        return T * E * b + T * S * (4 + 4)
+    if stage == "metadata":
+        return T * S * (4 + 4) + R * 4 + T * S * (4 + 4) + (2 * E + 1) * 4
+    if stage == "pack":
+        return (T + R) * H * b
+    if stage == "combine":
+        return (kept + T) * H * b
+    if stage == "total":
+        return strict_bytes(job, inp, "pack") + strict_bytes(job, inp, "combine")
+    raise ValueError(stage)
+
+
+class Harness:
+    """Runs one job's stages for its implementations and returns one row per stage."""
+
+    def __init__(self, job: JobSpec, timer: Timer):
+        self.job = job
+        self.timer = timer
+        self.impls: dict[str, Impl] = {}
+        for name, conf in job.impl_configs.items():
+            self.impls[name] = instantiate(conf)
+
+    def impl_for(self, stage: str) -> Impl:
+        return self.impls[self.job.stage_impls[stage]]
+
+    # -- one callable per stage, and its check --------------------------------------------
+    def _case(self, stage: str, inp: Inputs):
+        job, dev = self.job, self.job.device
+        T, E, k, H = job.tokens, job.experts, job.topk, job.hidden
+        if stage == "route":
+            im = self.impl_for("route")
+            im.check_device(dev)
+            S = inp.ids.shape[1]
+            out = (torch.empty(T, S, dtype=torch.int32, device=dev), torch.empty(T, S, dtype=torch.float32, device=dev))
+
+            def fn():
+                return im.route(inp.logits, k, job.router, inp.bias, out=out)
+
+            def check(got):
+                sel = routing.selection_scores(inp.logits, job.router, inp.bias)
+                if not im.exact_ties and sel is None:
+                    raise Unsupported(f"impl={im.name} does not resolve ties like the reference for router={job.router.name}")
+                check_route(got, (inp.ids, inp.weights), selection=sel, exact_ties=im.exact_ties,
+                            **getattr(im, "route_tolerance", lambda dt: {})(job.dtype))
+
+            return [im], fn, check, lambda: [poison(t) for t in out]
+        if stage == "metadata":
+            im = self.impl_for("metadata")
+            im.check_device(dev)
+
+            def fn():
+                return im.metadata(inp.ids, inp.weights, E, job.capacity, inp.num_rows)
+
+            return [im], fn, lambda got: check_metadata(got, inp.meta), lambda: None
+        if stage == "pack":
+            im = self.impl_for("pack")
+            im.check_device(dev)
+            out = torch.empty(inp.meta.num_rows, H, dtype=job.dtype, device=dev)
+
+            def fn():
+                return im.pack(inp.x, inp.meta, out=out)
+
+            return [im], fn, lambda got: assert_equal(got, inp.ref_packed, "packed rows"), lambda: poison(out)
+        if stage == "combine":
+            im = self.impl_for("combine")
+            im.check_device(dev)
+            out = torch.empty(T, H, dtype=job.dtype, device=dev)
+
+            def fn():
+                return im.combine(inp.y, inp.meta, out=out, weighted=job.weighted)
+
+            return ([im], fn, lambda got: assert_close(got, inp.ref_combined, "combined rows", job.dtype),
+                    lambda: poison(out))
+        if stage == "total":
+            chain = [s for s in job.stages if s != "total"]
+            ims = {s: self.impl_for(s) for s in chain}
+            for im in ims.values():
+                im.check_device(dev)
+            packed = torch.empty(inp.meta.num_rows, H, dtype=job.dtype, device=dev)
+            out = torch.empty(T, H, dtype=job.dtype, device=dev)
+
+            def fn():
+                ids, w = inp.ids, inp.weights
+                if "route" in ims:
+                    ids, w = ims["route"].route(inp.logits, k, job.router, inp.bias)
+                meta = ims["metadata"].metadata(ids, w, E, job.capacity, inp.num_rows)
+                p = ims["pack"].pack(inp.x, meta, out=packed)
+                return ims["combine"].combine(p, meta, out=out, weighted=job.weighted)
+
+            return (list(ims.values()), fn,
+                    lambda got: assert_close(got, inp.ref_total, "end-to-end output", job.dtype),
+                    lambda: (poison(packed), poison(out)))
+        raise ValueError(stage)
+
+    def run_stage(self, stage: str, inp: Inputs) -> dict:
+        """Check once, then time. Returns the stage's outcome columns."""
+        job = self.job
+        if stage == "total":
+            names = [f"{s}={job.stage_impls[s]}" for s in job.stages if s != "total"]
+            row = {"stage_impl": ",".join(names)}
+        else:
+            row = {"stage_impl": job.stage_impls[stage]}
+        try:
+            _, fn, check, reset = self._case(stage, inp)
+            reset()
+            got = [None]
+
+            def first():
+                got[0] = fn()
+
+            row["first_call_ms"] = first_call_ms(first, job.device)
+            check(got[0])
+            t = self.timer.time(fn)
+        except Unsupported as e:
+            return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
+        except Mismatch as e:
+            return {**row, "status": "mismatch", "message": f"mismatch: {e}"}
+        except Exception as e:  # noqa: BLE001 -- one failing case must not end the job
+            log.debug("stage %s failed:\n%s", stage, traceback.format_exc())
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            return {**row, "status": "error", "message": f"error: {type(e).__name__}: {first_line}"[:500]}
+        nbytes = strict_bytes(job, inp, stage)
+        sec = t.median_us * 1e-6
+        return {**row, "status": "ok", "message": "",
+                "time_us_median": t.median_us, "time_us_p10": t.p10_us, "time_us_p90": t.p90_us,
+                "time_us_mean": t.mean_us, "time_us_std": t.std_us, "repeats": t.repeats,
+                "bytes_strict": nbytes, "bytes_per_token_strict": nbytes / job.tokens,
+                "bw_GBps_strict": nbytes / sec / 1e9, "bw_GiBps_strict": nbytes / sec / 2**30,
+                "tokens_per_s": job.tokens / sec}
+
+    def run(self, inp: Inputs, progress=None) -> list[dict]:
+        rows = []
+        for i, stage in enumerate(self.job.stages, 1):
+            t0 = time.perf_counter()
+            row = {"stage": stage, **self.run_stage(stage, inp)}
+            rows.append(row)
+            if progress:
+                progress(i, len(self.job.stages), row, time.perf_counter() - t0)
+        return rows

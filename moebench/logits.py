@@ -1,0 +1,69 @@
+"""Routing distributions: how the router logits [T, E] are drawn (``conf/logits``).
+
+Uniform random logits (what every public suite uses) hide imbalance; ``zipf`` and ``hot``
+make some experts popular, ``from_file`` replays a real router trace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+KINDS = ("uniform", "zipf", "hot", "from_file")
+
+
+def zipf_bias(experts: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-expert logit offsets making popularity roughly proportional to rank**-alpha.
+
+    Ranks are assigned to experts in a seeded random order, so the popular experts are
+    not simply the low indices.
+    """
+    ranks = torch.randperm(experts, generator=generator).double() + 1.0
+    return (-alpha * torch.log(ranks)).float()
+
+
+def load_trace(path: str | Path) -> torch.Tensor:
+    """A saved [T, E] logits tensor: ``.pt`` (torch.save) or ``.npy``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"logits.path={str(path)!r} is not a file; give a .pt or .npy [T, E] tensor")
+    if p.suffix == ".npy":
+        import numpy as np
+
+        t = torch.from_numpy(np.load(p))
+    elif p.suffix in (".pt", ".pth"):
+        t = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"logits.path={str(path)!r} has suffix {p.suffix!r}; accepted: .pt, .npy")
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"logits.path={str(path)!r} holds {getattr(t, 'shape', type(t))}; expected a [T, E] tensor")
+    return t
+
+
+def make_logits(kind: str, tokens: int, experts: int, *, seed: int, dtype=torch.float32, device="cpu",
+                alpha: float = 1.2, hot_fraction: float = 0.5, hot_experts: int = 2,
+                hot_boost: float = 10.0, path: str | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Draw router logits [tokens, experts] of the given distribution, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "from_file":
+        t = load_trace(path)
+        if t.shape[1] != experts:
+            raise ValueError(f"logits.path holds E={t.shape[1]} experts but experts={experts}; set experts={t.shape[1]}")
+        reps = -(-tokens // t.shape[0])
+        return t.repeat(reps, 1)[:tokens].to(device=device, dtype=dtype)
+    x = torch.randn(tokens, experts, generator=g) * scale
+    if kind == "uniform":
+        pass
+    elif kind == "zipf":
+        x = x + zipf_bias(experts, alpha, g)
+    elif kind == "hot":
+        n_hot = min(hot_experts, experts)
+        hot = torch.randperm(experts, generator=g)[:n_hot]
+        rows = torch.rand(tokens, generator=g) < hot_fraction
+        boost = torch.zeros(tokens, experts)
+        boost[:, hot] = hot_boost
+        x = x + boost * rows[:, None]
+    else:
+        raise ValueError(f"logits={kind!r}; accepted: {', '.join(KINDS)}")
+    return x.to(device=device, dtype=dtype)

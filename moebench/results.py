@@ -1,0 +1,151 @@
+"""Result tables: one ``results.parquet`` per job, an explicit schema, and a loader for a
+run, a sweep or many sweeps.
+
+Every job's table reads with ``moebench.results.load``, ``pandas.read_parquet`` on a file
+list, and DuckDB ``read_parquet('runs/**/*.parquet', union_by_name=true)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FILENAME = "results.parquet"
+STATUSES = ("ok", "unsupported", "mismatch", "error")
+
+_S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+
+#: Fixed columns, in order. Seed names kept: bw_GiBps_strict, bytes_per_token_strict,
+#: load_cv, avg_drop_rate. Flattened config leaves are appended as ``cfg.<path>``.
+FIELDS = [
+    # what was measured
+    ("bench", _S), ("stage", _S), ("impl", _S), ("stage_impl", _S),
+    ("impl_route", _S), ("impl_metadata", _S), ("impl_pack", _S), ("impl_combine", _S),
+    ("shape", _S), ("tokens", _I), ("hidden", _I), ("experts", _I), ("topk", _I), ("dtype", _S),
+    ("seed", _I), ("device", _S),
+    ("router", _S), ("logits", _S), ("capacity", _S), ("capacity_factor", _F), ("capacity_per_expert", _I),
+    ("drop_policy", _S), ("pad_to_capacity", _B), ("renormalize_after_drop", _B), ("weighted", _B),
+    ("timing_mode", _S), ("warmup", _I), ("repeats", _I),
+    # outcome
+    ("status", _S), ("message", _S),
+    ("time_us_median", _F), ("time_us_p10", _F), ("time_us_p90", _F), ("time_us_mean", _F), ("time_us_std", _F),
+    ("first_call_ms", _F),
+    ("bytes_strict", _I), ("bytes_per_token_strict", _F), ("bw_GBps_strict", _F), ("bw_GiBps_strict", _F),
+    ("copy_GBps", _F), ("pct_of_copy", _F), ("tokens_per_s", _F),
+    # routing balance
+    ("load_mean", _F), ("load_max_over_mean", _F), ("load_cv", _F), ("expert_counts", pa.list_(_I)),
+    ("kept_assignments", _I), ("avg_drop_rate", _F), ("token_drop_rate", _F), ("padding_waste", _F),
+    ("gate_entropy", _F),
+    # environment
+    ("gpu_name", _S), ("gpu_sm_count", _I), ("driver", _S), ("cuda_version", _S), ("torch_version", _S),
+    ("cutlass_dsl_version", _S), ("quack_version", _S), ("git_sha", _S), ("git_dirty", _B), ("host", _S),
+    ("timestamp_utc", pa.timestamp("us")), ("output_dir", _S), ("sweep_dir", _S), ("job_num", _I),
+    ("overrides", _S), ("config", _S),
+]
+COLUMNS = [name for name, _ in FIELDS]
+
+
+def _leaf_type(v) -> pa.DataType:
+    if isinstance(v, bool):
+        return _B
+    if isinstance(v, int):
+        return _I
+    if isinstance(v, float):
+        return _F
+    return _S
+
+
+def flatten_config(cfg: dict, prefix: str = "cfg.") -> dict:
+    """Every leaf of the composed config as ``cfg.<dotted.path>`` (lists as strings)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+    return out
+
+
+def schema_for(config_columns: dict) -> pa.Schema:
+    """The fixed schema plus typed ``cfg.*`` columns for this job's config."""
+    extra = [(k, _leaf_type(v)) for k, v in config_columns.items()]
+    return pa.schema(FIELDS + extra)
+
+
+def write(rows: list[dict], path: str | Path, config_columns: dict | None = None) -> Path:
+    """Write rows atomically (temp file in the same folder, then rename)."""
+    config_columns = config_columns or {}
+    schema = schema_for(config_columns)
+    full = [{**{c: None for c in schema.names}, **config_columns, **r} for r in rows]
+    for r in full:
+        if r["status"] not in STATUSES:
+            raise ValueError(f"row status {r['status']!r}; accepted: {', '.join(STATUSES)}")
+    table = pa.Table.from_pylist(full, schema=schema)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".parquet.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def find(paths) -> list[Path]:
+    """Result files under folders, globs or files (Hydra's logs and configs are skipped)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        p = str(p)
+        if any(ch in p for ch in "*?["):
+            files += [Path(f) for f in glob.glob(p, recursive=True) if f.endswith(".parquet")]
+        elif Path(p).is_dir():
+            files += sorted(Path(p).rglob("*.parquet"))
+        elif Path(p).is_file():
+            files.append(Path(p))
+        else:
+            raise FileNotFoundError(f"no results at {p!r}: give a job or sweep folder, a .parquet file or a glob")
+    return sorted({f.resolve() for f in files if not f.name.startswith(".")})
+
+
+def load(paths) -> pd.DataFrame:
+    """One DataFrame for a run, a sweep or many sweeps; columns missing from some tables are
+    filled with nulls. ``source_file`` names the table each row came from."""
+    files = find(paths)
+    if not files:
+        raise FileNotFoundError(f"no .parquet results found under {paths!r}")
+    frames = []
+    for f in files:
+        df = pq.read_table(f).to_pandas()
+        df["source_file"] = str(f)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+SUMMARY_COLUMNS = ["bench", "stage", "stage_impl", "dtype", "tokens", "hidden", "experts", "topk", "status",
+                   "time_us_median", "bw_GBps_strict", "pct_of_copy", "avg_drop_rate", "message"]
+
+
+def summary(df: pd.DataFrame, width: int = 60) -> str:
+    """A compact terminal table of a job's (or sweep's) rows."""
+    cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
+    view = df[cols].copy()
+    if "message" in view:
+        view["message"] = view["message"].fillna("").str.slice(0, width)
+    for c, fmt in (("time_us_median", "{:.1f}"), ("bw_GBps_strict", "{:.0f}"), ("pct_of_copy", "{:.1f}"),
+                   ("avg_drop_rate", "{:.3f}")):
+        if c in view:
+            view[c] = view[c].map(lambda v, f=fmt: "" if pd.isna(v) else f.format(v))
+    view = view.rename(columns={"time_us_median": "us", "bw_GBps_strict": "GB/s", "pct_of_copy": "%copy",
+                                "avg_drop_rate": "drop"})
+    return view.to_string(index=False)
