@@ -27,7 +27,7 @@ def job_columns(job: JobSpec) -> dict:
     return {
         "bench": job.bench, "impl": job.impl,
         **{f"impl_{s}": job.stage_impls[s] for s in job.stage_impls},
-        "shape": job.shape, "tokens": job.tokens, "hidden": job.hidden, "experts": job.experts,
+        "shape_name": job.shape, "tokens": job.tokens, "hidden": job.hidden, "experts": job.experts,
         "topk": job.topk, "dtype": job.dtype_name, "seed": job.seed, "device": job.device.type,
         "router": job.router.name, "logits": job.logits["kind"], "capacity": job.capacity_name,
         "capacity_factor": float("nan") if c.factor is None else c.factor, "drop_policy": c.drop_policy,
@@ -46,6 +46,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
             overrides: str = "") -> pd.DataFrame:
     """Resolve, measure, write ``results.parquet`` atomically into ``output_dir``, print the
     table, and return the rows. A bad config raises ConfigError before anything is written."""
+    # --- bench=ep_dispatch: ranks in a process group, one table (moebench/ep.py) ---
+    if cfg.bench.get("name") == "ep_dispatch":
+        from moebench import ep
+        return ep.run_job(cfg, output_dir, sweep_dir=sweep_dir, job_num=job_num, overrides=overrides)
+    # --- end ep_dispatch ---
     job = resolve(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)

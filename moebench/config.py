@@ -30,6 +30,8 @@ BENCHES = {
     "combine": ("combine",),
     "routing": ("route", "metadata", "pack", "combine", "total"),
     "capacity": ("metadata", "pack", "combine", "total"),
+    # --- expert parallelism (moebench/ep.py): rows per rank; raw_a2a = the same job's ceiling ---
+    "ep_dispatch": ("dispatch", "combine", "total", "raw_a2a"),
 }
 
 
@@ -176,7 +178,13 @@ def resolve(cfg: DictConfig) -> JobSpec:
         if name not in impl_configs:
             impl_configs[name] = _impl_config(name, f"impl_{s}")
         stage_impls[s] = name
-    return JobSpec(bench=bench, stages=stages, impl=impl, stage_impls=stage_impls, shape=shape, tokens=tokens,
-                   hidden=hidden, experts=experts, topk=topk, dtype_name=dtype_name, seed=seed, device=device,
-                   router=router, logits=lg, capacity=capacity, timing=timing,
-                   weighted=bool(cfg.bench.get("weighted", True)), impl_configs=impl_configs)
+    job = JobSpec(bench=bench, stages=stages, impl=impl, stage_impls=stage_impls, shape=shape, tokens=tokens,
+                  hidden=hidden, experts=experts, topk=topk, dtype_name=dtype_name, seed=seed, device=device,
+                  router=router, logits=lg, capacity=capacity, timing=timing,
+                  weighted=bool(cfg.bench.get("weighted", True)), impl_configs=impl_configs)
+    # --- bench=ep_dispatch (moebench/ep.py): world_size, bench.* keys, experts % world_size ---
+    if bench == "ep_dispatch":
+        from moebench.ep import validate as _validate_ep
+        _validate_ep(cfg, job)
+    # --- end ep_dispatch ---
+    return job

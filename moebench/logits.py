@@ -25,6 +25,8 @@ def zipf_bias(experts: int, alpha: float, generator: torch.Generator) -> torch.T
 
 def load_trace(path: str | Path) -> torch.Tensor:
     """A saved [T, E] logits tensor: ``.pt`` (torch.save) or ``.npy``."""
+    if path is None:
+        raise ValueError("logits=from_file needs logits.path=<a .pt or .npy [T, E] tensor>")
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"logits.path={str(path)!r} is not a file; give a .pt or .npy [T, E] tensor")
@@ -36,8 +38,9 @@ def load_trace(path: str | Path) -> torch.Tensor:
         t = torch.load(p, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"logits.path={str(path)!r} has suffix {p.suffix!r}; accepted: .pt, .npy")
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise ValueError(f"logits.path={str(path)!r} holds {getattr(t, 'shape', type(t))}; expected a [T, E] tensor")
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or 0 in t.shape:
+        raise ValueError(f"logits.path={str(path)!r} holds {getattr(t, 'shape', type(t))}; "
+                         "expected a [T, E] tensor with T, E >= 1")
     return t
 
 

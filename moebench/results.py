@@ -27,7 +27,7 @@ FIELDS = [
     # what was measured
     ("bench", _S), ("stage", _S), ("impl", _S), ("stage_impl", _S),
     ("impl_route", _S), ("impl_metadata", _S), ("impl_pack", _S), ("impl_combine", _S),
-    ("shape", _S), ("tokens", _I), ("hidden", _I), ("experts", _I), ("topk", _I), ("dtype", _S),
+    ("shape_name", _S), ("tokens", _I), ("hidden", _I), ("experts", _I), ("topk", _I), ("dtype", _S),
     ("seed", _I), ("device", _S),
     ("router", _S), ("logits", _S), ("capacity", _S), ("capacity_factor", _F), ("capacity_per_expert", _I),
     ("drop_policy", _S), ("pad_to_capacity", _B), ("renormalize_after_drop", _B), ("weighted", _B),
@@ -47,6 +47,11 @@ FIELDS = [
     ("cutlass_dsl_version", _S), ("quack_version", _S), ("git_sha", _S), ("git_dirty", _B), ("host", _S),
     ("timestamp_utc", pa.timestamp("us")), ("output_dir", _S), ("sweep_dir", _S), ("job_num", _I),
     ("overrides", _S), ("config", _S),
+    # --- expert parallelism (bench=ep_dispatch, moebench/ep.py): one row per rank and stage ---
+    ("rank", _I), ("world_size", _I), ("backend", _S), ("rows_sent", _I), ("rows_received", _I),
+    ("bytes_sent", _I), ("bytes_received", _I), ("algbw_GBps", _F), ("busbw_GBps", _F), ("pct_of_raw", _F),
+    ("time_us_slowest_rank", _F), ("recv_imbalance", _F),
+    # --- end expert parallelism ---
 ]
 COLUMNS = [name for name, _ in FIELDS]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -88,6 +89,13 @@ class RoutingMetadata:
         return out[: self.num_rows]
 
 
+@torch.compiler.assume_constant_result
+def _ceil_capacity(factor: float, tokens: int, topk: int, experts: int) -> int:
+    """ceil(factor * tokens * topk / experts), exact for ``factor`` as written: float rounding
+    would make 1.1 * 50 * 1 / 5 = 11.000000000000002 and the capacity 12 instead of 11."""
+    return math.ceil(Fraction(repr(float(factor))) * tokens * topk / experts)
+
+
 @dataclass(frozen=True)
 class CapacitySpec:
     """Capacity policy. ``factor=None`` means dropless."""
@@ -108,7 +116,7 @@ class CapacitySpec:
         """ceil(cf * T * k / E), at least ``min_capacity``; None when dropless."""
         if self.factor is None:
             return None
-        return max(math.ceil(self.factor * tokens * topk / experts), self.min_capacity)
+        return max(_ceil_capacity(self.factor, tokens, topk, experts), self.min_capacity)
 
 
 # --------------------------------------------------------------------------------------
@@ -132,15 +140,21 @@ def route_softmax_topk(logits, k, renormalize=False):
     return ids, (_normalize(w) if renormalize else w)
 
 
+def topk_softmax_weights(vals: torch.Tensor, temperature: float = 1.0, normalize: str = "softmax") -> torch.Tensor:
+    """Weights of ``topk_softmax`` from the selected fp32 logits [T, k]."""
+    v = vals / temperature if temperature != 1.0 else vals  # v / 1.0 is v: skip the kernel
+    if normalize == "softmax":
+        return torch.softmax(v, dim=-1)
+    if normalize == "sum":
+        # divide by the (signed) sum of the k: logits can be negative, so clamp only a sum >= 0
+        s = v.sum(-1, keepdim=True)
+        return v / torch.where(s < 0, s, s.clamp_min(1e-20))
+    raise ValueError(f"topk_softmax normalize={normalize!r}; accepted: softmax, sum")
+
+
 def route_topk_softmax(logits, k, temperature=1.0, normalize="softmax"):
     vals, ids = stable_topk(logits.float(), k)
-    if normalize == "softmax":
-        w = torch.softmax(vals / temperature, dim=-1)
-    elif normalize == "sum":
-        w = _normalize(vals / temperature)
-    else:
-        raise ValueError(f"topk_softmax normalize={normalize!r}; accepted: softmax, sum")
-    return ids, w
+    return ids, topk_softmax_weights(vals, temperature, normalize)
 
 
 def route_topk_hard(logits, k):
@@ -199,7 +213,7 @@ def route_expert_choice(logits, k, capacity_factor=1.0):
     """
     T, E = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
-    C = min(T, max(1, math.ceil(capacity_factor * T * k / E)))
+    C = min(T, max(1, _ceil_capacity(capacity_factor, T, k, E)))
     _, tok = stable_topk(probs.t(), C)  # [E, C]
     chosen = torch.zeros(E, T, dtype=torch.bool, device=logits.device).scatter_(1, tok, True).t()
     eids = torch.arange(E, device=logits.device).expand(T, E)
@@ -233,7 +247,7 @@ class RouterSpec:
     def num_rows(self, tokens: int, topk: int, experts: int) -> int:
         """Packed rows of a dropless routing: every valid assignment has one."""
         if self.name == "expert_choice":
-            return experts * min(tokens, max(1, math.ceil(self.capacity_factor * tokens * topk / experts)))
+            return experts * min(tokens, max(1, _ceil_capacity(self.capacity_factor, tokens, topk, experts)))
         return tokens * topk
 
     def expert_bias(self, experts: int, device, seed: int = 0) -> torch.Tensor | None:
@@ -278,7 +292,7 @@ def selection_scores(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor 
     if spec.name in ("topk_softmax", "topk_hard"):
         return x
     if spec.name == "sigmoid_bias":
-        s = torch.sigmoid(x)
+        s = torch.softmax(x, dim=-1) if spec.score == "softmax" else torch.sigmoid(x)
         return s if bias is None else s + bias.float()
     return None
 
@@ -290,6 +304,12 @@ def selection_scores(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
+
+
+def _bincount(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """``torch.bincount(keys, minlength=size)`` for keys in [0, size), without the host sync
+    (``keys.max().item()``) torch.bincount does on CUDA."""
+    return torch.zeros(size, dtype=torch.int64, device=keys.device).scatter_add_(0, keys, torch.ones_like(keys))
 
 
 def keep_mask(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: int,
@@ -312,7 +332,7 @@ def keep_mask(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, capaci
     else:
         raise ValueError(f"drop_policy={drop_policy!r}; accepted: position, probs")
     sorted_e = flat_e[order]
-    starts = _exclusive_cumsum(torch.bincount(flat_e, minlength=E + 1))
+    starts = _exclusive_cumsum(_bincount(flat_e, E + 1))
     rank = torch.arange(n, device=ids.device) - starts[sorted_e]
     keep_sorted = (rank < capacity) & (sorted_e < E)
     keep = torch.empty(n, dtype=torch.bool, device=ids.device)
@@ -332,7 +352,7 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
     dev = ids.device
     valid = ids >= 0
     flat_valid_e = torch.where(valid, ids, E).flatten().long()
-    routed_counts = torch.bincount(flat_valid_e, minlength=E + 1)[:E].to(torch.int32)
+    routed_counts = _bincount(flat_valid_e, E + 1)[:E].to(torch.int32)
 
     capacity = cap.capacity(T, S, E)
     if capacity is None:
@@ -344,7 +364,7 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
 
     key = torch.where(kept, ids, E).flatten().long()
     order = torch.argsort(key, stable=True)
-    counts_all = torch.bincount(key, minlength=E + 1)
+    counts_all = _bincount(key, E + 1)
     counts = counts_all[:E].to(torch.int32)
     if capacity is not None and cap.pad_to_capacity:
         offsets = torch.arange(E + 1, device=dev, dtype=torch.int64) * capacity
@@ -404,8 +424,13 @@ def combine(y: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = N
     kept = idx >= 0
     w = meta.weights if weighted else kept.float()
     acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    # a dropped / unused slot reads row 0: zero it, or an inf/NaN there would leak in as 0 * inf
+    # (static test: slots can be dropped under a capacity, or be -1 when rows < T * S)
+    may_drop = meta.capacity is not None or meta.num_rows < T * S
     for j in range(S):
         rows = y.index_select(0, idx[:, j].clamp(min=0)).float()
+        if may_drop:
+            rows.masked_fill_(~kept[:, j, None], 0.0)
         acc.addcmul_(rows, torch.where(kept[:, j], w[:, j], 0.0).unsqueeze(1))
     if out is None:
         return acc.to(y.dtype)

@@ -1,0 +1,158 @@
+"""Combine: packed rows ``y [R, H]`` back to token order ``out [T, H]`` (``routing.combine``).
+
+``out[t] = sum_j w[t, j] * y[scatter_idx[t, j]]`` over the slots with ``scatter_idx >= 0``
+(``w = 1`` when not ``weighted``), accumulated in fp32 and rounded once to ``y``'s dtype.
+
+One row group per token (:class:`Combine`): it reads the token's ``S`` destination rows and
+weights, then walks the hidden dimension in chunks; per chunk each thread issues the loads
+of all ``S`` rows (``S * iters`` independent 128-bit loads in flight), then sums them slot by
+slot in slot order and stores one 128-bit vector per step. Each output row is owned by
+one row group, so there are no atomics and the result is deterministic. Dropped or unused
+slots (-1) are never read: their fragment stays zero.
+
+Compiled once per (dtype, H, S, weighted, tiling, cache hints); T and R are runtime values.
+Measured on an H200 (notes/kernels.md): 94-103 % of a same-call device copy.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from moebench.kernels.common import (
+    COMPILE_OPTIONS,
+    TORCH_TO_CUTE,
+    CompileCache,
+    RowTiling,
+    as_rows,
+    as_table,
+    fake_rows,
+    fake_stream,
+    fake_table,
+    load_atom,
+    load_chunk,
+    row_vectors,
+    rows_ok,
+    store_atom,
+    store_chunk,
+    vec_elems,
+)
+
+#: most slots per token the kernel unrolls over
+MAX_SLOTS = 16
+#: target for the 128-bit loads a thread has in flight per chunk (S * iters)...
+LOADS_IN_FLIGHT = 16
+#: ... and the most it may have (their fragments must fit in registers)
+MAX_LOADS = 32
+
+
+class Combine:
+    """Gate-weighted (or plain) sum of each token's packed rows, fp32 accumulation."""
+
+    def __init__(self, dtype, H: int, S: int, *, weighted: bool = True, threads: int = 256,
+                 max_iters: int = 0, tpr: int = 0, hint: str = "none"):
+        assert 1 <= S <= MAX_SLOTS
+        self.dtype = dtype
+        self.vec = vec_elems(dtype)
+        assert H % self.vec == 0, f"H={H} is not a multiple of {self.vec} elements"
+        self.S = S
+        self.weighted = weighted
+        # S * iters fragments of 16 bytes live in registers: past MAX_LOADS they spill
+        # (measured: max_iters=8 at S=8 ran 20x slower)
+        max_iters = min(max_iters if max_iters > 0 else LOADS_IN_FLIGHT // S, MAX_LOADS // S)
+        max_iters = max(1, max_iters)
+        self.tiling = RowTiling.make(H // self.vec, max_iters, threads, tpr)
+        self.hint = hint
+
+    @cute.jit
+    def __call__(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor,
+                 stream: cuda.CUstream):
+        assert mY.element_type == self.dtype and mOut.element_type == self.dtype
+        tl = self.tiling
+        self.kernel(mY, mScatter, mW, mOut).launch(
+            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), 1, 1], block=[tl.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
+        tl, S, vec = self.tiling, self.S, self.vec
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        tok = bidx * tl.rows_per_cta + tidx // tl.tpr  # this row group's token
+        lane = tidx % tl.tpr
+        ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
+        if tok < mOut.shape[0]:
+            # the token's packed rows and gate weights (4-byte loads; the threads of a row
+            # group read the same words, one transaction per warp)
+            src = cute.make_rmem_tensor((S,), Int32)
+            w = cute.make_rmem_tensor((S,), Float32)
+            for j in cutlass.range_constexpr(S):
+                src[j] = mScatter[tok, j]
+                if const_expr(self.weighted):
+                    w[j] = mW[tok, j]
+            gOut = row_vectors(mOut, tok, vec)
+            frag = cute.make_rmem_tensor((vec, tl.iters, S), self.dtype)  # loaded rows
+            res = cute.make_rmem_tensor((vec, tl.iters), self.dtype)  # rounded sums
+            for c in cutlass.range(tl.chunks, unroll=1):
+                base = c * (tl.tpr * tl.iters) + lane
+                # 1. issue every load of the chunk, S rows x iters vectors; dropped or
+                #    unused slots are not read and keep a zero fragment
+                frag.fill(0)
+                for j in cutlass.range_constexpr(S):
+                    if src[j] >= 0:
+                        load_chunk(ld, row_vectors(mY, src[j], vec), frag[None, None, j], base, tl)
+                # 2. sum in slot order in fp32, round once to the dtype, store
+                for i in cutlass.range_constexpr(tl.iters):
+                    acc = cute.zeros_like(frag[None, i, 0].load(), Float32)
+                    for j in cutlass.range_constexpr(S):
+                        v = frag[None, i, j].load().to(Float32)
+                        if const_expr(self.weighted):
+                            acc = acc + v * w[j]
+                        else:
+                            acc = acc + v
+                    res[None, i].store(acc.to(self.dtype))
+                store_chunk(st, res, gOut, base, tl)
+
+
+# --------------------------------------------------------------------------------------
+# Compile (once per static key) and launch
+# --------------------------------------------------------------------------------------
+
+_cache = CompileCache()
+
+
+def compile_combine(dtype, H: int, S: int, weighted: bool, **tune):
+    """The compiled combine for ``dtype`` (a CuTeDSL type), ``H`` and ``S`` slots."""
+    key = ("combine", dtype, H, S, weighted, tuple(sorted(tune.items())))
+
+    def build():
+        T, R = cute.sym_int(), cute.sym_int()
+        return cute.compile(Combine(dtype, H, S, weighted=weighted, **tune), fake_rows(dtype, R, H),
+                            fake_table(Int32, T, S), fake_table(Float32, T, S), fake_rows(dtype, T, H),
+                            fake_stream(), options=COMPILE_OPTIONS)
+
+    return _cache.get(key, build)
+
+
+def combine(y: torch.Tensor, scatter_idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+            weighted: bool = True, **tune) -> torch.Tensor:
+    """Launch the combine on the current stream; writes ``out [T, H]`` and returns it.
+
+    The caller has checked dtype, H and S (see ``moebench.impls.cute_impl``)."""
+    T, S = scatter_idx.shape
+    H = out.shape[1]
+    if T == 0:
+        return out
+    if y.shape[0] == 0:  # no packed rows: every slot is dropped
+        return out.zero_()
+    dtype = TORCH_TO_CUTE[y.dtype]
+    y = as_rows(y)
+    dst = out if rows_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    compile_combine(dtype, H, S, weighted, **tune)(
+        y, as_table(scatter_idx, torch.int32), as_table(weights, torch.float32), dst)
+    if dst is not out:
+        out.copy_(dst)
+    return out

@@ -1,0 +1,237 @@
+"""What the pack and combine kernels share: the row tiling, dtype maps, the compile cache,
+fake tensors for shape-generic compilation, and the 16-byte copy atoms.
+
+Row tiling
+----------
+Both kernels move whole rows of ``H`` elements between row-indexed tensors. A row is seen
+as ``nvec = H / vec`` 16-byte vectors (``vec`` = 8 bf16/fp16 or 4 fp32 elements) and is
+handled by ``tpr`` consecutive threads of a CTA (a "row group"): at step ``i`` thread
+``lane`` moves vector ``lane + i * tpr``, so each step of a warp covers 512 contiguous bytes
+(coalesced), and a thread has ``iters`` independent 16-byte accesses in flight before it
+uses any of them. A row longer than ``tpr * iters`` vectors is walked in ``chunks``; the
+last chunk is predicated when the row does not divide evenly.
+
+A CTA of ``threads`` threads holds ``threads / tpr`` row groups, i.e. that many rows; the
+grid has one CTA per ``rows_per_cta`` rows, so the number of rows is a runtime value and a
+new token count never recompiles.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32, const_expr
+
+#: bytes per vector access (128-bit loads and stores)
+VEC_BYTES = 16
+
+#: torch dtype -> CuTeDSL numeric type, for the dtypes these kernels handle
+TORCH_TO_CUTE = {
+    torch.bfloat16: cutlass.BFloat16,
+    torch.float16: cutlass.Float16,
+    torch.float32: cutlass.Float32,
+}
+
+
+def vec_elems(dtype) -> int:
+    """Elements per 16-byte vector of a CuTeDSL numeric type."""
+    return VEC_BYTES * 8 // dtype.width
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class RowTiling:
+    """How a CTA's threads walk rows of ``nvec`` 16-byte vectors (see the module doc)."""
+
+    nvec: int  # 16-byte vectors per row
+    tpr: int  # threads per row group
+    iters: int  # vectors a thread has in flight per chunk
+    chunks: int  # chunks per row
+    threads: int  # threads per CTA
+
+    @classmethod
+    def make(cls, nvec: int, max_iters: int, threads: int = 256, tpr: int = 0, min_iters: int = 0) -> "RowTiling":
+        """Pick ``tpr`` (a power of two up to 128 and up to the row, unless given) and
+        ``iters <= max_iters``, preferring an exact split of the row into chunks: the
+        smallest exact ``iters >= min_iters`` when ``min_iters`` is given, else the largest."""
+        assert nvec >= 1 and max_iters >= 1 and threads % 32 == 0
+        if tpr <= 0:
+            tpr = min(128, _pow2_floor(nvec))
+        tpr = min(tpr, threads)
+        per_thread = -(-nvec // tpr)  # vectors each thread moves per row
+        # divisors of per_thread that fit: no predicate when tpr divides the row
+        exact = [d for d in range(1, min(per_thread, max_iters) + 1) if per_thread % d == 0]
+        short = [d for d in exact if d >= min_iters] if min_iters > 0 else []
+        if short:
+            iters = short[0]
+        elif 2 * exact[-1] >= min(per_thread, max_iters):
+            iters = exact[-1]
+        else:  # a prime-ish count: balance the chunks, predicate the tail
+            iters = -(-per_thread // -(-per_thread // max_iters))
+        return cls(nvec, tpr, iters, -(-per_thread // iters), threads)
+
+    @property
+    def rows_per_cta(self) -> int:
+        return self.threads // self.tpr
+
+    @property
+    def predicated(self) -> bool:
+        """Does the last chunk run past the row (so each access checks its column)?"""
+        return self.tpr * self.iters * self.chunks != self.nvec
+
+    def grid(self, rows: int) -> int:
+        return -(-rows // self.rows_per_cta)
+
+
+# --------------------------------------------------------------------------------------
+# Copy atoms
+# --------------------------------------------------------------------------------------
+
+#: cache hints: ``none`` = plain ld/st.global; ``stream`` = loads that do not keep the line
+#: in L1 (``L1::no_allocate``) and streaming stores (``st.global.cs``) for data touched once
+CACHE_HINTS = ("none", "stream")
+
+
+def load_atom(dtype, hint: str = "none"):
+    """A 128-bit global -> register copy atom."""
+    if hint == "stream":
+        return cute.make_copy_atom(cute.nvgpu.CopyG2ROp(), dtype, num_bits_per_copy=128,
+                                   l1c_evict_priority=cute.nvgpu.CacheEvictionPriority.NO_ALLOCATE)
+    return cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+
+
+def store_atom(dtype, hint: str = "none"):
+    """A 128-bit register -> global copy atom."""
+    if hint == "stream":
+        return cute.make_copy_atom(cute.nvgpu.CopyR2GOp(), dtype, num_bits_per_copy=128,
+                                   store_cache_mode=cute.nvgpu.StoreCacheMode.STREAMING)
+    return cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+
+
+@cute.jit
+def row_vectors(mT: cute.Tensor, row, vec: cutlass.Constexpr[int]) -> cute.Tensor:
+    """Row ``row`` of a row-major ``[rows, H]`` tensor as ``((vec), nvec)``: mode 1 picks a
+    16-byte vector. The row stride is a multiple of ``vec`` (fake tensors say so), so every
+    vector is 16-byte aligned and the copy atoms stay 128-bit."""
+    return cute.zipped_divide(mT[row, None], (vec,))
+
+
+@cute.jit
+def load_chunk(atom: cute.CopyAtom, gRow: cute.Tensor, frag: cute.Tensor, base: Int32,
+               tiling: cutlass.Constexpr):
+    """Load this thread's ``tiling.iters`` vectors of a row chunk into ``frag`` (all issued
+    before any is used). ``base`` is the thread's first vector column in the chunk."""
+    for i in cutlass.range_constexpr(tiling.iters):
+        col = base + i * tiling.tpr
+        if const_expr(tiling.predicated):
+            if col < tiling.nvec:
+                cute.copy(atom, gRow[None, col], frag[None, i])
+        else:
+            cute.copy(atom, gRow[None, col], frag[None, i])
+
+
+@cute.jit
+def store_chunk(atom: cute.CopyAtom, frag: cute.Tensor, gRow: cute.Tensor, base: Int32,
+                tiling: cutlass.Constexpr):
+    """Store ``frag`` to this thread's vectors of a row chunk (see :func:`load_chunk`)."""
+    for i in cutlass.range_constexpr(tiling.iters):
+        col = base + i * tiling.tpr
+        if const_expr(tiling.predicated):
+            if col < tiling.nvec:
+                cute.copy(atom, frag[None, i], gRow[None, col])
+        else:
+            cute.copy(atom, frag[None, i], gRow[None, col])
+
+
+# --------------------------------------------------------------------------------------
+# Compilation: fake tensors (dynamic row counts) and a per-key cache
+# --------------------------------------------------------------------------------------
+
+
+def fake_rows(dtype, rows, H: int):
+    """A ``[rows, H]`` row-major tensor: ``rows`` a SymInt (runtime), ``H`` static, the row
+    stride dynamic but a multiple of 16 bytes, the base 16-byte aligned."""
+    vec = vec_elems(dtype)
+    return cute.runtime.make_fake_tensor(dtype, (rows, H), stride=(cute.sym_int64(divisibility=vec), 1),
+                                         assumed_align=VEC_BYTES)
+
+
+def fake_table(dtype, rows, cols: int):
+    """A contiguous ``[rows, cols]`` index / weight table (static row stride ``cols``)."""
+    return cute.runtime.make_fake_tensor(dtype, (rows, cols), stride=(cols, 1), assumed_align=4)
+
+
+def fake_vector(dtype, rows):
+    return cute.runtime.make_fake_tensor(dtype, (rows,), stride=(1,), assumed_align=4)
+
+
+def fake_stream():
+    """The compiled function takes the caller's current stream (TVM-FFI environment stream)."""
+    return cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+
+
+#: compile options: TVM-FFI calling convention (torch tensors passed straight in)
+COMPILE_OPTIONS = "--enable-tvm-ffi"
+
+
+class CompileCache:
+    """Compiled kernels by static key; ``hits`` / ``misses`` let tests see recompiles."""
+
+    def __init__(self):
+        self._fns: dict = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, build):
+        fn = self._fns.get(key)
+        if fn is not None:
+            self.hits += 1
+            return fn
+        with self._lock:
+            fn = self._fns.get(key)
+            if fn is None:
+                self.misses += 1
+                fn = self._fns[key] = build()
+            return fn
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+    def clear(self) -> None:
+        self._fns.clear()
+        self.hits = self.misses = 0
+
+
+# --------------------------------------------------------------------------------------
+# Host-side argument handling
+# --------------------------------------------------------------------------------------
+
+
+def rows_ok(t: torch.Tensor) -> bool:
+    """Can the kernels address ``t [rows, H]`` as 16-byte vectors (last stride 1, row
+    stride a multiple of 16 bytes, 16-byte aligned base)?"""
+    vec = VEC_BYTES // t.element_size()
+    return t.stride(-1) == 1 and t.stride(0) % vec == 0 and t.data_ptr() % VEC_BYTES == 0
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when :func:`rows_ok`, else a fresh contiguous (hence aligned) copy."""
+    return t if rows_ok(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def as_table(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An index / weight table as a contiguous tensor of ``dtype``."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+

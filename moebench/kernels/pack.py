@@ -1,0 +1,254 @@
+"""Pack: tokens ``x [T, H]`` to expert-contiguous rows ``out [R, H]`` (``routing.pack``).
+
+Row ``r`` of the output is ``x[gather_idx[r]]``, or zeros where ``gather_idx[r] == -1``
+(rows no token fills: the tail under a capacity, the padding of ``pad_to_capacity``).
+Two formulations, both pure data movement with 128-bit accesses:
+
+``gather``  (:class:`PackGather`)  one row group per *packed row*: read ``gather_idx[r]``,
+            copy that token's row, or write zeros. Every packed row is written exactly
+            once, empty rows included. Reads ``x`` once per slot (``R * H``): a token's
+            ``k`` copies sit in different expert blocks, far apart in time, so the L2
+            rarely serves the repeats.
+``scatter`` (:class:`PackScatter`) walks the *tokens* in order and writes ``x[t]`` to each
+            row ``scatter_idx[t, j] >= 0``, either one row group per token (one load,
+            ``S`` stores) or one per (token, slot) pair (a copy's one load, one store;
+            the pairs of a token share a CTA, so memory still reads ``x[t]`` once). Moves
+            exactly the strict bytes (``T * H`` read, ``R * H`` written). It cannot see
+            empty rows, so when the metadata may have some (``zero_empty``) the same
+            launch gets extra CTAs that read ``gather_idx`` and zero the rows that hold -1.
+
+Both are compiled once per static configuration (dtype, H, S, tiling, cache hints); the
+token and row counts are runtime values. Measured on an H200 (notes/kernels.md): scatter
+86-89 % of a same-call device copy, gather 55-70 %.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32, const_expr
+
+from moebench.kernels.common import (
+    COMPILE_OPTIONS,
+    TORCH_TO_CUTE,
+    CompileCache,
+    RowTiling,
+    as_rows,
+    as_table,
+    fake_rows,
+    fake_stream,
+    fake_table,
+    fake_vector,
+    load_atom,
+    load_chunk,
+    row_vectors,
+    rows_ok,
+    store_atom,
+    store_chunk,
+    vec_elems,
+)
+
+MODES = ("gather", "scatter")
+#: most slots the scatter kernel unrolls over (the gather kernel does not depend on S)
+MAX_SLOTS = 16
+#: vectors a thread keeps in flight per chunk: the smallest exact split of its share of a
+#: row with at least MIN_ITERS, at most MAX_ITERS. H200 (notes/kernels.md): at seed 2 x 2
+#: beat 1 x 4 by ~1.7 %; at deepseek_v3 1 x 7 beat 7 x 1 by 1-4 %.
+MIN_ITERS, MAX_ITERS = 2, 8
+#: rows at least this long scatter per (token, slot); shorter ones per token (H200: +1 to
+#: +2 % at seed's 8 KB and deepseek_v3's 14 KB rows, -1 % at qwen3_30b_a3b's 4 KB rows)
+PER_SLOT_MIN_ROW_BYTES = 8192
+
+
+class PackGather:
+    """``out[r] = x[gather_idx[r]]`` (zeros for -1): one row group per packed row."""
+
+    def __init__(self, dtype, H: int, *, threads: int = 256, max_iters: int = MAX_ITERS, tpr: int = 0,
+                 hint: str = "none"):
+        self.dtype = dtype
+        self.vec = vec_elems(dtype)
+        assert H % self.vec == 0, f"H={H} is not a multiple of {self.vec} elements"
+        self.tiling = RowTiling.make(H // self.vec, max_iters, threads, tpr, min_iters=MIN_ITERS)
+        self.hint = hint
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
+        assert mX.element_type == self.dtype and mOut.element_type == self.dtype
+        tl = self.tiling
+        self.kernel(mX, mGather, mOut).launch(
+            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), 1, 1], block=[tl.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor):
+        tl = self.tiling
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        row = bidx * tl.rows_per_cta + tidx // tl.tpr  # this row group's packed row
+        lane = tidx % tl.tpr
+        ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
+        frag = cute.make_rmem_tensor((self.vec, tl.iters), self.dtype)
+        if row < mOut.shape[0]:
+            src = mGather[row]
+            gOut = row_vectors(mOut, row, self.vec)
+            if src >= 0:
+                gX = row_vectors(mX, src, self.vec)
+                for c in cutlass.range(tl.chunks, unroll=1):
+                    base = c * (tl.tpr * tl.iters) + lane
+                    load_chunk(ld, gX, frag, base, tl)
+                    store_chunk(st, frag, gOut, base, tl)
+            else:  # an empty row (capacity tail / padding)
+                frag.fill(0)
+                for c in cutlass.range(tl.chunks, unroll=1):
+                    store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
+
+
+class PackScatter:
+    """``out[scatter_idx[t, j]] = x[t]`` for kept slots, in token order so ``x`` is read from
+    memory once. With ``zero_empty`` the CTAs over the tokens are followed by CTAs over the
+    packed rows, one row group per row, that zero the rows whose ``gather_idx`` is -1.
+
+    ``per_slot=False``: one row group per token loads ``x[t]`` once and stores it ``S``
+    times. ``per_slot=True``: one row group per (token, slot) pair, one load and one store
+    per vector like a copy; the ``S`` row groups of a token sit side by side in a CTA, so
+    the repeated loads of ``x[t]`` are served by L1/L2, not memory."""
+
+    def __init__(self, dtype, H: int, S: int, *, zero_empty: bool = False, per_slot: bool = False,
+                 threads: int = 256, max_iters: int = MAX_ITERS, tpr: int = 0, hint: str = "none"):
+        assert 1 <= S <= MAX_SLOTS
+        self.dtype = dtype
+        self.vec = vec_elems(dtype)
+        assert H % self.vec == 0, f"H={H} is not a multiple of {self.vec} elements"
+        self.S = S
+        self.zero_empty = zero_empty
+        self.per_slot = per_slot
+        self.tiling = RowTiling.make(H // self.vec, max_iters, threads, tpr, min_iters=MIN_ITERS)
+        self.hint = hint
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mScatter: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor,
+                 stream: cuda.CUstream):
+        assert mX.element_type == self.dtype and mOut.element_type == self.dtype
+        tl = self.tiling
+        work = mX.shape[0] * self.S if const_expr(self.per_slot) else mX.shape[0]  # row groups' items
+        token_ctas = cute.ceil_div(work, tl.rows_per_cta)
+        grid = token_ctas
+        if const_expr(self.zero_empty):
+            grid = token_ctas + cute.ceil_div(mOut.shape[0], tl.rows_per_cta)
+        self.kernel(mX, mScatter, mGather, mOut, token_ctas).launch(
+            grid=[grid, 1, 1], block=[tl.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mScatter: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor,
+               token_ctas: Int32):
+        tl = self.tiling
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        group = tidx // tl.tpr
+        lane = tidx % tl.tpr
+        ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
+        frag = cute.make_rmem_tensor((self.vec, tl.iters), self.dtype)
+        if bidx < token_ctas:
+            if const_expr(self.per_slot):
+                pair = bidx * tl.rows_per_cta + group  # (token, slot) = divmod(pair, S)
+                if pair < mX.shape[0] * self.S:
+                    tok = pair // self.S
+                    dst = mScatter[tok, pair - tok * self.S]
+                    gX = row_vectors(mX, tok, self.vec)
+                    for c in cutlass.range(tl.chunks, unroll=1):
+                        base = c * (tl.tpr * tl.iters) + lane
+                        load_chunk(ld, gX, frag, base, tl)  # issued without waiting for dst
+                        if dst >= 0:
+                            store_chunk(st, frag, row_vectors(mOut, dst, self.vec), base, tl)
+            else:
+                tok = bidx * tl.rows_per_cta + group
+                if tok < mX.shape[0]:
+                    # the token's destination rows; independent of the row loads below
+                    dst = cute.make_rmem_tensor((self.S,), Int32)
+                    for j in cutlass.range_constexpr(self.S):
+                        dst[j] = mScatter[tok, j]
+                    gX = row_vectors(mX, tok, self.vec)
+                    for c in cutlass.range(tl.chunks, unroll=1):
+                        base = c * (tl.tpr * tl.iters) + lane
+                        load_chunk(ld, gX, frag, base, tl)
+                        for j in cutlass.range_constexpr(self.S):
+                            if dst[j] >= 0:
+                                store_chunk(st, frag, row_vectors(mOut, dst[j], self.vec), base, tl)
+        else:
+            if const_expr(self.zero_empty):  # the empty rows: capacity tail / padding
+                row = (bidx - token_ctas) * tl.rows_per_cta + group
+                if row < mOut.shape[0]:
+                    if mGather[row] < 0:
+                        frag.fill(0)
+                        gOut = row_vectors(mOut, row, self.vec)
+                        for c in cutlass.range(tl.chunks, unroll=1):
+                            store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
+
+
+# --------------------------------------------------------------------------------------
+# Compile (once per static key) and launch
+# --------------------------------------------------------------------------------------
+
+_cache = CompileCache()
+
+
+def compile_gather(dtype, H: int, **tune):
+    """The compiled gather pack for ``dtype`` (a CuTeDSL type) and ``H``; rows are dynamic."""
+    key = ("gather", dtype, H, tuple(sorted(tune.items())))
+
+    def build():
+        T, R = cute.sym_int(), cute.sym_int()
+        return cute.compile(PackGather(dtype, H, **tune), fake_rows(dtype, T, H), fake_vector(Int32, R),
+                            fake_rows(dtype, R, H), fake_stream(), options=COMPILE_OPTIONS)
+
+    return _cache.get(key, build)
+
+
+def compile_scatter(dtype, H: int, S: int, zero_empty: bool, **tune):
+    """The compiled scatter pack for ``dtype``, ``H`` and ``S`` slots; T and R are dynamic."""
+    key = ("scatter", dtype, H, S, zero_empty, tuple(sorted(tune.items())))
+
+    def build():
+        T, R = cute.sym_int(), cute.sym_int()
+        return cute.compile(PackScatter(dtype, H, S, zero_empty=zero_empty, **tune), fake_rows(dtype, T, H),
+                            fake_table(Int32, T, S), fake_vector(Int32, R), fake_rows(dtype, R, H),
+                            fake_stream(), options=COMPILE_OPTIONS)
+
+    return _cache.get(key, build)
+
+
+def scatter_tuning(dtype, H: int, per_slot: bool | None = None) -> dict:
+    """The scatter kernel's default: one row group per (token, slot) for rows of at least
+    PER_SLOT_MIN_ROW_BYTES, per token for shorter rows."""
+    if per_slot is None:
+        per_slot = H * dtype.width // 8 >= PER_SLOT_MIN_ROW_BYTES
+    return {"per_slot": per_slot}
+
+
+def pack(x: torch.Tensor, gather_idx: torch.Tensor, scatter_idx: torch.Tensor, out: torch.Tensor,
+         mode: str = "scatter", zero_empty: bool = True, **tune) -> torch.Tensor:
+    """Launch the pack on ``x``'s current stream; writes ``out [R, H]`` and returns it.
+
+    The caller has checked dtype, H and S (see ``moebench.impls.cute_impl``)."""
+    T, H = x.shape
+    R = out.shape[0]
+    if R == 0:
+        return out
+    if T == 0:  # no tokens: every packed row is empty
+        return out.zero_()
+    dtype = TORCH_TO_CUTE[x.dtype]
+    x = as_rows(x)
+    dst = out if rows_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    gather_idx = as_table(gather_idx, torch.int32)
+    if mode == "gather":
+        compile_gather(dtype, H, **tune)(x, gather_idx, dst)
+    elif mode == "scatter":
+        scatter_idx = as_table(scatter_idx, torch.int32)
+        compile_scatter(dtype, H, scatter_idx.shape[1], zero_empty, **tune)(x, scatter_idx, gather_idx, dst)
+    else:
+        raise ValueError(f"pack mode={mode!r}; accepted: {', '.join(MODES)}")
+    if dst is not out:
+        out.copy_(dst)
+    return out

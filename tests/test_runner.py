@@ -1,0 +1,211 @@
+"""The runner end to end on the CPU: composition, the job, its table, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moebench import results
+from moebench.app import run_job
+from moebench.config import CONF_DIR, ConfigError, options, resolve
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["timing.warmup=1", "timing.repeats=3"]
+
+
+def cfg_of(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run(*overrides, tmp):
+    return run_job(cfg_of("shape=tiny", *FAST, *overrides), tmp)
+
+
+GROUPS = ["bench", "impl", "shape", "router", "logits", "capacity", "timing"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes_and_resolves(group):
+    opts = options(group)
+    assert opts, group
+    for opt in opts:
+        extra = []
+        if group == "logits" and opt == "from_file":
+            extra = ["logits.path=/nonexistent.pt"]
+        if group == "bench" and opt == "capacity":
+            extra = []
+        cfg = cfg_of(f"{group}={opt}", *extra)
+        if group == "router" and opt == "group_limited":
+            cfg = cfg_of(f"{group}={opt}", "experts=16", "topk=2")
+        if group == "capacity" and opt != "dropless":
+            assert cfg.capacity.cf is not None
+        job = resolve(cfg)
+        assert job.tokens > 0 and 1 <= job.topk <= job.experts
+
+
+def test_shape_presets_match_published_configs():
+    want = {"seed": (16384, 4096, 128, 2), "mixtral_8x7b": (16384, 4096, 8, 2),
+            "qwen3_30b_a3b": (16384, 2048, 128, 8), "deepseek_v3": (16384, 7168, 256, 8),
+            "deepseek_v2": (16384, 5120, 160, 6), "olmoe_1b_7b": (16384, 2048, 64, 8),
+            "gpt_oss_120b": (16384, 2880, 128, 4), "kimi_k2": (16384, 7168, 384, 8)}
+    for name, dims in want.items():
+        job = resolve(cfg_of(f"shape={name}"))
+        assert (job.tokens, job.hidden, job.experts, job.topk) == dims, name
+    # command-line keys override the preset
+    job = resolve(cfg_of("shape=deepseek_v3", "tokens=128", "topk=4"))
+    assert (job.tokens, job.hidden, job.experts, job.topk) == (128, 7168, 256, 4)
+
+
+def test_auto_shape_is_tiny_on_cpu_and_top1_sets_topk():
+    job = resolve(cfg_of())
+    assert job.shape == "tiny" and job.device.type == "cpu" and job.bench == "routing"
+    assert resolve(cfg_of("router=top1")).topk == 1
+    with pytest.raises(ConfigError, match="topk=2"):
+        resolve(cfg_of("router=top1", "topk=2"))
+
+
+def test_job_writes_schema_table(tmp_path):
+    df = run(tmp=tmp_path)
+    path = tmp_path / "results.parquet"
+    assert path.is_file() and not list(tmp_path.glob(".results-*"))
+    schema = pq.read_schema(path)
+    assert schema.names[: len(results.COLUMNS)] == results.COLUMNS
+    assert any(n.startswith("cfg.router.name") for n in schema.names)
+    assert list(df.stage) == ["route", "metadata", "pack", "combine", "total"]
+    assert (df.status == "ok").all(), df.message.tolist()
+    for col in ("time_us_median", "time_us_p10", "time_us_p90", "bw_GBps_strict", "bw_GiBps_strict",
+                "pct_of_copy", "copy_GBps", "tokens_per_s", "first_call_ms", "load_cv"):
+        assert df[col].notna().all() and (df[col] > 0).all(), col
+    row = df.set_index("stage").loc["pack"]
+    T, H, k = row.tokens, row.hidden, row.topk
+    assert row.bytes_strict == (1 + k) * H * 2 * T and row.bytes_per_token_strict == (1 + k) * H * 2
+    assert df.set_index("stage").loc["total"].bytes_strict == (2 + 2 * k) * H * 2 * T
+    assert row.bw_GiBps_strict == pytest.approx(row.bw_GBps_strict * 1e9 / 2**30)
+    assert row.pct_of_copy == pytest.approx(100 * row.bw_GBps_strict / row.copy_GBps)
+    assert sum(row.expert_counts) == T * k and len(row.expert_counts) == row.experts
+    assert (df.timing_mode == "wall").all() and (df.device == "cpu").all()
+    assert df.time_us_p10.le(df.time_us_median).all() and df.time_us_median.le(df.time_us_p90).all()
+    for col in ("torch_version", "host", "cutlass_dsl_version"):
+        assert df[col].str.len().gt(0).all(), col
+    assert df.timestamp_utc.notna().all()
+
+
+def test_each_stage_records_its_implementation(tmp_path):
+    df = run("impl_pack=compile", "bench=capacity", tmp=tmp_path)
+    by = df.set_index("stage")
+    assert by.loc["pack"].stage_impl == "compile" and by.loc["combine"].stage_impl == "torch"
+    assert by.loc["total"].stage_impl == "metadata=torch,pack=compile,combine=torch"
+    assert (df.impl_pack == "compile").all() and (df.impl_combine == "torch").all()
+
+
+def test_missing_stage_is_an_unsupported_row_naming_it(tmp_path):
+    df = run("impl._target_=moebench.impls.base.Impl", "impl.name=bare", tmp=tmp_path)
+    assert (df.status == "unsupported").all()
+    by = df.set_index("stage")
+    assert by.loc["route"].message == "unsupported: impl=bare has no route stage"
+    assert by.loc["pack"].message == "unsupported: impl=bare has no pack stage"
+    assert "has no route stage" in by.loc["total"].message
+    assert df.time_us_median.isna().all()
+
+
+def test_gpu_only_impl_is_unsupported_on_cpu_not_replaced(tmp_path):
+    df = run("bench=pack", "impl=cute", tmp=tmp_path)
+    assert df.status.tolist() == ["unsupported"]
+    assert "cuda" in df.message[0] and df.time_us_median.isna().all()
+
+
+@pytest.mark.parametrize("impl,stage,what", [("SkipsLastRow", "pack", "unwritten"),
+                                             ("SwapsExperts", "route", "expert ids")])
+def test_wrong_result_is_a_mismatch_row_and_not_timed(tmp_path, impl, stage, what):
+    bench = {"pack": "pack", "route": "topk"}[stage]
+    df = run(f"bench={bench}", f"impl._target_=fake_impls.{impl}", f"impl.name={impl}", tmp=tmp_path)
+    assert df.status.tolist() == ["mismatch"], df.message.tolist()
+    assert what in df.message[0] and df.message[0].startswith("mismatch: ")
+    assert df.time_us_median.isna().all()
+
+
+def _run_py(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_run_py_default_job_end_to_end(tmp_path):
+    p = _run_py(f"hydra.run.dir={tmp_path}", *FAST)
+    assert p.returncode == 0, p.stderr
+    df = results.load(tmp_path)
+    assert set(df.stage) == {"route", "metadata", "pack", "combine", "total"}
+    assert (df.status == "ok").all() and (df.shape_name == "tiny").all()
+    assert "pct_of_copy" in p.stdout or "%copy" in p.stdout
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_table_per_job_and_load_reads_them(tmp_path):
+    p = _run_py("-m", "topk=1,2", "experts=4,8", "shape=tiny", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert p.returncode == 0, p.stderr
+    files = sorted(tmp_path.rglob("results.parquet"))
+    assert len(files) == 4
+    df = results.load(tmp_path)
+    assert df.output_dir.nunique() == 4 and sorted(df.job_num.unique()) == [0, 1, 2, 3]
+    assert set(zip(df.topk, df.experts)) == {(1, 4), (1, 8), (2, 4), (2, 8)}
+    assert (df.sweep_dir == str(tmp_path)).all()
+    # the same files read with plain pandas and with DuckDB
+    assert len(pd.read_parquet([str(f) for f in files])) == len(df)
+    duckdb = pytest.importorskip("duckdb")
+    n = duckdb.connect().execute(
+        f"select count(*) from read_parquet('{tmp_path}/**/*.parquet', union_by_name=true)").fetchone()[0]
+    assert n == len(df)
+
+
+@pytest.mark.slow
+def test_multirun_failing_job_does_not_stop_the_others(tmp_path):
+    p = _run_py("-m", "topk=2,9", "shape=tiny", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert p.returncode != 0
+    assert "topk=9 is not accepted" in p.stderr
+    assert [f.parent.name for f in tmp_path.rglob("results.parquet")] == ["0"]
+
+
+BAD = [
+    (["shape=foo"], "shape=foo is not a known shape; accepted: auto,"),
+    (["bench=nope"], "bench=nope is not a known bench"),
+    (["impl=fast"], "impl=fast is not a known impl"),
+    (["tokens=0"], "tokens=0 is not accepted"),
+    (["tokens=-5"], "tokens=-5 is not accepted"),
+    (["topk=9", "experts=8"], "topk=9 is not accepted with experts=8"),
+    (["dtype=int8"], "dtype='int8' is not accepted; accepted: bfloat16, float16, float32"),
+    (["device=cuda"], "device=cuda but no CUDA GPU"),
+    (["device=tpu"], "device='tpu' is not accepted; accepted: auto, cuda, cpu"),
+    (["capacity.cf=-1"], "capacity.cf=-1 is not accepted"),
+    (["capacity.drop_policy=random", "capacity.cf=1"], "capacity.drop_policy='random' is not accepted"),
+    (["timing.mode=ncu"], "timing.mode='ncu' is not accepted"),
+    (["impl_pack=nope"], "impl_pack='nope' is not accepted"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, msg):
+    if args == ["device=cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+    p = _run_py(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("moebench: error: "), p.stderr
+    assert msg in lines[0]
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_bad_input_leaves_existing_results_alone(tmp_path):
+    run(tmp=tmp_path)
+    before = (tmp_path / "results.parquet").read_bytes()
+    with pytest.raises(ConfigError):
+        run("tokens=0", tmp=tmp_path)
+    assert (tmp_path / "results.parquet").read_bytes() == before
