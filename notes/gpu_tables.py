@@ -1,0 +1,38 @@
+"""Print the closing-note tables from one device call's sweeps: python3 notes/gpu_tables.py DIR..."""
+
+import sys
+
+import pandas as pd
+
+from moebench.results import load
+
+pd.set_option("display.width", 250)
+pd.set_option("display.max_columns", 30)
+df = load(sys.argv[1:])
+card = ", ".join(sorted(set(df.gpu_name.dropna())))
+print(f"card: {card}; copy GB/s per job: median {df.copy_GBps.median():.0f} (min {df.copy_GBps.min():.0f}, max {df.copy_GBps.max():.0f})")
+bad = df[df.status != "ok"]
+print(f"rows: {len(df)} ok {int((df.status == 'ok').sum())}; non-ok by status: {bad.status.value_counts().to_dict()}")
+for (st, msg), n in bad.groupby(["status", bad.message.str.slice(0, 90)]).size().items():
+    print(f"  {n:3d} x {msg}")
+ok = df[df.status == "ok"]
+
+
+def table(sel, title):
+    if sel.empty:
+        return
+    print(f"\n== {title}")
+    t = sel.pivot_table(index=["bench", "stage", "shape_name"], columns="stage_impl",
+                        values=["time_us_median", "pct_of_copy"], aggfunc="median")
+    print(t.round(1).to_string())
+
+
+table(ok[ok.bench.isin(["pack", "combine"]) & (ok.router == "softmax_topk")], "pack / combine (us, % of same-job copy)")
+table(ok[(ok.bench == "topk") & (ok.router == "softmax_topk")], "top-k softmax_topk (us)")
+table(ok[(ok.bench == "routing")], "routing end to end")
+cap = ok[(ok.bench == "capacity") & (ok.stage == "total")]
+if not cap.empty:
+    print("\n== capacity (stage total)")
+    print(cap[["shape_name", "logits", "capacity_factor", "stage_impl", "avg_drop_rate", "token_drop_rate",
+               "load_max_over_mean", "time_us_median", "bw_GBps_strict", "pct_of_copy"]]
+          .sort_values(["logits", "capacity_factor", "stage_impl"]).round(4).to_string(index=False))
