@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import socket
 import subprocess
 from importlib import metadata
@@ -23,10 +24,10 @@ def _version(dist: str) -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        p = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
+    return p.stdout.strip() if p.returncode == 0 else ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +41,8 @@ def _driver() -> str:
 
 def environment(device: torch.device) -> dict:
     cuda = device.type == "cuda"
-    sha = _git("rev-parse", "HEAD")
+    # a copy of the tree without .git (e.g. a GPU machine) can name its commit in MOEBENCH_GIT_SHA
+    sha = os.environ.get("MOEBENCH_GIT_SHA") or _git("rev-parse", "HEAD")
     return {
         "gpu_name": torch.cuda.get_device_name(device) if cuda else "",
         "gpu_sm_count": torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0,
@@ -50,7 +52,7 @@ def environment(device: torch.device) -> dict:
         "cutlass_dsl_version": _version("nvidia-cutlass-dsl"),
         "quack_version": _version("quack-kernels"),
         "git_sha": sha,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else False,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else False,
         "host": socket.gethostname(),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
     }

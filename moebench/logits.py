@@ -14,7 +14,8 @@ KINDS = ("uniform", "zipf", "hot", "from_file")
 
 
 def zipf_bias(experts: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    """Per-expert logit offsets making popularity roughly proportional to rank**-alpha.
+    """Per-expert logit offsets log(rank**-alpha) (with Gumbel noise: top-1 popularity
+    proportional to rank**-alpha).
 
     Ranks are assigned to experts in a seeded random order, so the popular experts are
     not simply the low indices.
@@ -59,7 +60,11 @@ def make_logits(kind: str, tokens: int, experts: int, *, seed: int, dtype=torch.
     if kind == "uniform":
         pass
     elif kind == "zipf":
-        x = x + zipf_bias(experts, alpha, g)
+        # Gumbel-max: argmax(log p + Gumbel noise) is distributed as p, so each token's first
+        # choice follows p ~ rank^-alpha exactly (Gaussian noise would sharpen the skew far
+        # beyond rank^-alpha once the top-k picks the largest logits).
+        u = torch.rand(tokens, experts, generator=g).clamp_(1e-20, 1.0 - 1e-7)
+        x = (zipf_bias(experts, alpha, g) - torch.log(-torch.log(u))) * scale
     elif kind == "hot":
         n_hot = min(hot_experts, experts)
         hot = torch.randperm(experts, generator=g)[:n_hot]

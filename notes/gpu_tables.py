@@ -36,3 +36,10 @@ if not cap.empty:
     print(cap[["shape_name", "logits", "capacity_factor", "stage_impl", "avg_drop_rate", "token_drop_rate",
                "load_max_over_mean", "time_us_median", "bw_GBps_strict", "pct_of_copy"]]
           .sort_values(["logits", "capacity_factor", "stage_impl"]).round(4).to_string(index=False))
+
+ep = ok[ok.bench == "ep_dispatch"] if "rank" in ok else ok.iloc[0:0]
+if not ep.empty:
+    print("\n== ep_dispatch (per rank)")
+    print(ep[["world_size", "tokens", "hidden", "experts", "topk", "rank", "stage", "time_us_median",
+              "time_us_slowest_rank", "bytes_sent", "algbw_GBps", "busbw_GBps", "pct_of_raw", "recv_imbalance"]]
+          .sort_values(["world_size", "tokens", "stage", "rank"]).round(1).to_string(index=False))

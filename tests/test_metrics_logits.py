@@ -240,3 +240,13 @@ def test_from_file_errors(tmp_path):
     np.save(tmp_path / "e6.npy", np.zeros((3, 6), dtype=np.float32))
     with pytest.raises(ValueError, match="E=6 experts but experts=4"):
         make_logits("from_file", 4, 4, seed=0, path=str(tmp_path / "e6.npy"))
+
+
+def test_zipf_first_choice_popularity_follows_rank_power_law():
+    """Each token's first choice is drawn with probability proportional to rank**-alpha."""
+    T, E, alpha = 100_000, 16, 1.2
+    x = make_logits("zipf", T, E, seed=5, alpha=alpha)
+    freq = torch.bincount(x.argmax(1), minlength=E).double().sort(descending=True).values / T
+    want = torch.arange(1, E + 1, dtype=torch.float64) ** -alpha
+    want /= want.sum()
+    assert torch.allclose(freq[:6], want[:6], rtol=0.05), (freq[:6], want[:6])
