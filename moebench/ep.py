@@ -87,6 +87,10 @@ def settings_of(cfg: DictConfig) -> EPSettings:
     return EPSettings(w, expert, timeout)
 
 
+#: the shipped implementations with pack and combine stages (routing and metadata stay the torch reference)
+EP_IMPLS = ("torch", "compile", "cute")
+
+
 def validate(cfg: DictConfig, job: JobSpec) -> EPSettings:
     """Called by ``config.resolve`` for ``bench=ep_dispatch``: what the job itself can check
     (the GPU count is checked when the job runs, see :func:`check_devices`)."""
@@ -95,10 +99,15 @@ def validate(cfg: DictConfig, job: JobSpec) -> EPSettings:
         divisors = [d for d in range(1, job.experts + 1) if job.experts % d == 0]
         raise ConfigError(f"experts={job.experts} is not divisible by world_size={s.world_size}; expert parallelism "
                           f"splits experts evenly across ranks: accepted world_size: {', '.join(map(str, divisors))}")
-    others = sorted({n for n in [job.impl, *job.stage_impls.values()] if n != "torch"})
-    if others:
-        raise ConfigError(f"impl={others[0]} is not accepted with bench=ep_dispatch; it runs the torch reference "
-                          "routing, pack and combine around the all-to-alls (accepted: torch)")
+    from hydra.utils import instantiate
+
+    from moebench.impls.base import Impl
+
+    for stage in ("pack", "combine"):
+        name = job.stage_impls[stage]
+        if getattr(type(instantiate(job.impl_configs[name])), stage) is getattr(Impl, stage):
+            raise ConfigError(f"impl_{stage}={name} is not accepted with bench=ep_dispatch: it has no {stage} stage "
+                              f"(accepted: {', '.join(EP_IMPLS)})")
     if job.timing.mode != "events":
         raise ConfigError(f"timing={job.timing.mode} is not accepted with bench=ep_dispatch (the dispatch reads "
                           "its split sizes on the host); accepted: events")
@@ -138,6 +147,9 @@ class EPProblem:
     expert: str = "identity"
     #: experts no token picks (their logits are set to -1e4): an expert, or a rank, with no rows
     dead_experts: tuple[int, ...] = ()
+    #: implementation configs (``conf/impl/*.yaml``) of the pack and combine around the all-to-alls
+    pack_impl: dict = field(default_factory=lambda: {"_target_": "moebench.impls.torch_impl.TorchImpl", "name": "torch"})
+    combine_impl: dict = field(default_factory=lambda: {"_target_": "moebench.impls.torch_impl.TorchImpl", "name": "torch"})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,7 +158,15 @@ class EPProblem:
     @classmethod
     def from_job(cls, job: JobSpec, expert: str = "identity") -> "EPProblem":
         return cls(job.tokens, job.hidden, job.experts, job.topk, job.dtype_name, job.seed, dict(job.logits),
-                   job.router, job.capacity, job.weighted, expert)
+                   job.router, job.capacity, job.weighted, expert,
+                   pack_impl=job.impl_configs[job.stage_impls["pack"]],
+                   combine_impl=job.impl_configs[job.stage_impls["combine"]])
+
+    def stage_impl(self, stage: str, backend: str) -> str:
+        """What ran a stage: the pack / combine implementation and the collective backend."""
+        p, c = self.pack_impl["name"], self.combine_impl["name"]
+        return {"dispatch": f"{p}+{backend}", "combine": f"{c}+{backend}", "raw_a2a": backend}.get(
+            stage, f"pack={p},combine={c}+{backend}")
 
 
 @dataclass
@@ -233,11 +253,13 @@ class Plan:
 class ExpertParallel:
     """Dispatch / local experts / combine of one rank, in an initialised process group."""
 
-    def __init__(self, world_size: int, rank: int, experts: int, weighted: bool = True, group=None):
+    def __init__(self, world_size: int, rank: int, experts: int, weighted: bool = True, group=None,
+                 pack=routing.pack, combine=routing.combine):
         if experts % world_size:
             raise ValueError(f"experts={experts} not divisible by world_size={world_size}")
         self.W, self.rank, self.E, self.El = world_size, rank, experts, experts // world_size
         self.weighted, self.group = weighted, group
+        self._pack, self._combine = pack, combine
         self._buf: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -252,7 +274,7 @@ class ExpertParallel:
         send_counts = (meta.offsets[1:] - meta.offsets[:-1]).to(torch.int64)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        packed = routing.pack(x, meta, out=self._buffer("packed", meta.num_rows, x))
+        packed = self._pack(x, meta, out=self._buffer("packed", meta.num_rows, x))
         splits = torch.cat([send_counts.view(W, self.El).sum(1), recv_counts.view(W, self.El).sum(1)]).tolist()
         send_split, recv_split = splits[:W], splits[W:]
         n_send, n_recv = sum(send_split), sum(recv_split)
@@ -277,7 +299,7 @@ class ExpertParallel:
         if plan.n_send < meta.num_rows:
             back[plan.n_send:].zero_()
         dist.all_to_all_single(back[:plan.n_send], y, plan.send_split, plan.recv_split, group=self.group)
-        return routing.combine(back, meta, out=out, weighted=self.weighted)
+        return self._combine(back, meta, out=out, weighted=self.weighted)
 
     def forward(self, x: torch.Tensor, meta: RoutingMetadata, kind: str = "identity", out=None) -> torch.Tensor:
         recv, plan = self.dispatch(x, meta)
@@ -423,8 +445,11 @@ def _rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: in
     from moebench.metrics import routing_metrics
     from moebench.timing import L2_FLUSH_BYTES
 
+    from hydra.utils import instantiate
+
     inp = rank_inputs(p, rank, W, device)
-    ep = ExpertParallel(W, rank, p.experts, p.weighted)
+    pack_impl, combine_impl = instantiate(p.pack_impl), instantiate(p.combine_impl)
+    ep = ExpertParallel(W, rank, p.experts, p.weighted, pack=pack_impl.pack, combine=combine_impl.combine)
     b = torch.finfo(p.dtype).bits // 8
     H = p.hidden
     out = torch.empty(p.tokens, H, dtype=p.dtype, device=device)
@@ -474,7 +499,7 @@ def _rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: in
     rows = []
     for stage in STAGES:
         sent, recvd = rows_io[stage]
-        row = {**common, "stage": stage, "stage_impl": backend if stage == "raw_a2a" else f"torch+{backend}",
+        row = {**common, "stage": stage, "stage_impl": p.stage_impl(stage, backend),
                "rows_sent": sent, "rows_received": recvd, "bytes_sent": sent * H * b, "bytes_received": recvd * H * b}
         if stage not in samples:
             rows.append({**row, "status": "mismatch", "message": bad, "_samples": None})
@@ -583,7 +608,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
     except Exception as e:  # noqa: BLE001 -- a failed rank is an error row, not a lost job
         msg = _error_message(e)
         log.error("ep_dispatch failed: %s", msg)
-        rows = [{**common, "stage": st, "stage_impl": f"torch+{backend}", "status": "error", "message": msg}
+        rows = [{**common, "stage": st, "stage_impl": p.stage_impl(st, backend), "status": "error", "message": msg}
                 for st in STAGES]
         results.write(rows, path, config_columns)
     df = results.load(path)

@@ -125,13 +125,26 @@ def test_run_job_writes_a_row_per_rank_and_stage(tmp_path):
     assert len(loaded) == 8 and loaded.columns[: len(results.COLUMNS)].tolist() == results.COLUMNS
 
 
+def test_pack_and_combine_come_from_the_chosen_implementation(tmp_path):
+    """A wrong pack implementation must show up as mismatch rows: the EP path really uses it."""
+    df = run_job(cfg_of("shape=tiny", "world_size=2", "impl._target_=fake_impls.SkipsLastRow",
+                        "impl.name=skips", "impl_combine=torch", *FAST), tmp_path)
+    body = df[df.stage != "raw_a2a"]
+    assert (body.status == "mismatch").all() and body.message.str.contains("mismatch: rank").all()
+    assert set(body.stage_impl) == {"skips+gloo", "torch+gloo", "pack=skips,combine=torch+gloo"}
+
+
 def test_config_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"^experts=8 is not divisible by world_size=3; .*accepted world_size: 1, 2, 4, 8$"):
         resolve(cfg_of("shape=tiny", "world_size=3"))
     with pytest.raises(ConfigError, match="world_size=0"):
         resolve(cfg_of("world_size=0"))
-    with pytest.raises(ConfigError, match="impl=compile is not accepted with bench=ep_dispatch"):
-        resolve(cfg_of("impl_pack=compile"))
+    with pytest.raises(ConfigError, match="impl_pack=quack is not accepted with bench=ep_dispatch: it has no pack stage"):
+        resolve(cfg_of("impl_pack=quack"))
+    job = resolve(cfg_of("impl_combine=cute"))
+    p = ep.EPProblem.from_job(job)
+    assert p.combine_impl["name"] == "cute" and p.pack_impl["name"] == "torch"
+    assert p.stage_impl("combine", "nccl") == "cute+nccl" and p.stage_impl("total", "gloo") == "pack=torch,combine=cute+gloo"
     with pytest.raises(ConfigError, match="timing=graph"):
         resolve(cfg_of("timing=graph"))
     with pytest.raises(ConfigError, match="bench.expert='relu'"):
