@@ -46,8 +46,10 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, dtype: torch.d
     r, a = TOLERANCE[dtype or got.dtype]
     rtol, atol = rtol if rtol is not None else r, atol if atol is not None else a
     g, f = got.float(), ref.float()
-    if torch.isnan(g).any() and not torch.isnan(f).any():
-        raise Mismatch(f"{what}: {int(torch.isnan(g).sum())} elements unwritten or NaN")
+    nan_differs = torch.isnan(g) != torch.isnan(f)
+    if nan_differs.any():
+        raise Mismatch(f"{what}: {int(nan_differs.sum())} elements NaN in one of result and reference "
+                       "(unwritten or wrong)")
     bad = (g - f).abs() > atol + rtol * f.abs()
     if bad.any():
         i = bad.nonzero()[0].tolist()

@@ -209,3 +209,15 @@ def test_bad_input_leaves_existing_results_alone(tmp_path):
     with pytest.raises(ConfigError):
         run("tokens=0", tmp=tmp_path)
     assert (tmp_path / "results.parquet").read_bytes() == before
+
+
+def test_capacity_strict_bytes_count_only_tokens_that_are_read(tmp_path):
+    df = run("bench=capacity", "capacity.cf=0.5", "logits=zipf", tmp=tmp_path).set_index("stage")
+    pack, comb = df.loc["pack"], df.loc["combine"]
+    assert pack.token_drop_rate > 0
+    T, H, b = pack.tokens, pack.hidden, 2
+    rows = pack.experts * pack.capacity_per_expert
+    read = T - round(pack.token_drop_rate * T)
+    assert pack.bytes_strict == (read + min(rows, T * pack.topk)) * H * b
+    assert comb.bytes_strict == (pack.kept_assignments + T) * H * b
+    assert df.loc["total"].bytes_strict == pack.bytes_strict + comb.bytes_strict
