@@ -89,19 +89,23 @@ class Timer:
             samples.append((time.perf_counter() - t0) * 1e6)
         return Timing.from_samples("wall", samples)
 
-    def _time_events(self, fn) -> Timing:
-        for _ in range(self.spec.warmup):
-            fn()
+    def _event_samples(self, mode: str, call) -> Timing:
+        """``repeats`` calls, each after an L2 flush, each between its own pair of events."""
         n = self.spec.repeats
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
             self.flush_l2()
             starts[i].record()
-            fn()
+            call()
             ends[i].record()
         torch.cuda.synchronize(self.device)
-        return Timing.from_samples("events", [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+        return Timing.from_samples(mode, [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+
+    def _time_events(self, fn) -> Timing:
+        for _ in range(self.spec.warmup):
+            fn()
+        return self._event_samples("events", fn)
 
     def _time_graph(self, fn) -> Timing:
         stream = torch.cuda.Stream(self.device)
@@ -114,16 +118,7 @@ class Timer:
         with torch.cuda.graph(graph):
             fn()
         graph.replay()
-        n = self.spec.repeats
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            self.flush_l2()
-            starts[i].record()
-            graph.replay()
-            ends[i].record()
-        torch.cuda.synchronize(self.device)
-        return Timing.from_samples("graph", [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+        return self._event_samples("graph", graph.replay)
 
 
 def copy_bandwidth_GBps(device: torch.device, nbytes: int | None = None) -> float:
