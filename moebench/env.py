@@ -42,7 +42,8 @@ def _driver() -> str:
 def environment(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     # a copy of the tree without .git (e.g. a GPU machine) can name its commit in MOEBENCH_GIT_SHA
-    sha = os.environ.get("MOEBENCH_GIT_SHA") or _git("rev-parse", "HEAD")
+    head = _git("rev-parse", "HEAD")
+    sha = os.environ.get("MOEBENCH_GIT_SHA") or head
     return {
         "gpu_name": torch.cuda.get_device_name(device) if cuda else "",
         "gpu_sm_count": torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0,
@@ -52,7 +53,7 @@ def environment(device: torch.device) -> dict:
         "cutlass_dsl_version": _version("nvidia-cutlass-dsl"),
         "quack_version": _version("quack-kernels"),
         "git_sha": sha,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else False,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if head else False,
         "host": socket.gethostname(),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None),
     }

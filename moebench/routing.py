@@ -205,6 +205,11 @@ def route_hash(logits, k):
     return ids, torch.full((T, k), 1.0 / k, dtype=torch.float32, device=logits.device)
 
 
+def expert_choice_capacity(tokens: int, k: int, experts: int, capacity_factor: float) -> int:
+    """Tokens each expert takes under expert choice: C = ceil(cf * T * k / E), in [1, T]."""
+    return min(tokens, max(1, _ceil_capacity(capacity_factor, tokens, k, experts)))
+
+
 def route_expert_choice(logits, k, capacity_factor=1.0):
     """Expert choice: each expert takes its top-C tokens by softmax score, C = ceil(cf*T*k/E).
 
@@ -213,7 +218,7 @@ def route_expert_choice(logits, k, capacity_factor=1.0):
     """
     T, E = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
-    C = min(T, max(1, _ceil_capacity(capacity_factor, T, k, E)))
+    C = expert_choice_capacity(T, k, E, capacity_factor)
     _, tok = stable_topk(probs.t(), C)  # [E, C]
     chosen = torch.zeros(E, T, dtype=torch.bool, device=logits.device).scatter_(1, tok, True).t()
     eids = torch.arange(E, device=logits.device).expand(T, E)
@@ -247,7 +252,7 @@ class RouterSpec:
     def num_rows(self, tokens: int, topk: int, experts: int) -> int:
         """Packed rows of a dropless routing: every valid assignment has one."""
         if self.name == "expert_choice":
-            return experts * min(tokens, max(1, _ceil_capacity(self.capacity_factor, tokens, topk, experts)))
+            return experts * expert_choice_capacity(tokens, topk, experts, self.capacity_factor)
         return tokens * topk
 
     def expert_bias(self, experts: int, device, seed: int = 0) -> torch.Tensor | None:
