@@ -51,6 +51,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
         from moebench import ep
         return ep.run_job(cfg, output_dir, sweep_dir=sweep_dir, job_num=job_num, overrides=overrides)
     # --- end ep_dispatch ---
+    # --- bench=moe_layer: weights, GEMM stages and the layer chain (moebench/moe_layer.py) ---
+    if cfg.bench.get("name") == "moe_layer":
+        from moebench import moe_layer
+        return moe_layer.run_job(cfg, output_dir, sweep_dir=sweep_dir, job_num=job_num, overrides=overrides)
+    # --- end moe_layer ---
     job = resolve(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)

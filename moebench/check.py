@@ -26,6 +26,14 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-(2**30) if t.dtype in (torch.int32, torch.int64) else 0)
 
 
+def poison_free_blocks(like: list[torch.Tensor]) -> None:
+    """For stages that allocate their own outputs: hand the caching allocator back poisoned
+    blocks of the outputs' sizes, so the checked call most likely gets memory holding
+    poison, not a previous run's correct values (an unwritten element then shows)."""
+    blocks = [poison(torch.empty_like(t)) for t in like if t.numel()]
+    del blocks
+
+
 def assert_equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     if got.shape != ref.shape:
         raise Mismatch(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")

@@ -29,9 +29,14 @@ BENCHES = {
     "pack": ("pack",),
     "combine": ("combine",),
     "routing": ("route", "metadata", "pack", "combine", "total"),
+    # logits to full routing metadata: route, metadata on the reference ids, and the chain of both
+    "router": ("route", "metadata", "route_metadata"),
     "capacity": ("metadata", "pack", "combine", "total"),
     # --- expert parallelism (moebench/ep.py): rows per rank; raw_a2a = the same job's ceiling ---
     "ep_dispatch": ("dispatch", "combine", "total", "raw_a2a"),
+    # --- one MoE layer with per-expert SwiGLU (moebench/moe_layer.py); dense_gemm = the same job's ceiling ---
+    "moe_layer": ("gate", "route", "metadata", "pack", "gemm1", "activation", "gemm2", "combine", "experts",
+                  "total", "dense_gemm"),
 }
 
 
@@ -187,4 +192,9 @@ def resolve(cfg: DictConfig) -> JobSpec:
         from moebench.ep import validate as _validate_ep
         _validate_ep(cfg, job)
     # --- end ep_dispatch ---
+    # --- bench=moe_layer (moebench/moe_layer.py): intermediate, bench.gemm and the other bench.* keys ---
+    if bench == "moe_layer":
+        from moebench.moe_layer import validate as _validate_moe_layer
+        _validate_moe_layer(cfg, job)
+    # --- end moe_layer ---
     return job

@@ -13,7 +13,8 @@ import torch
 from hydra.utils import instantiate
 
 from moebench import routing
-from moebench.check import Mismatch, assert_close, assert_equal, check_metadata, check_route, poison
+from moebench.check import (Mismatch, assert_close, assert_equal, check_metadata, check_route, poison,
+                            poison_free_blocks)
 from moebench.config import JobSpec
 from moebench.impls.base import Impl, Unsupported
 from moebench.logits import make_logits
@@ -69,6 +70,8 @@ def strict_bytes(job: JobSpec, inp: Inputs, stage: str) -> int:
         return T * E * b + T * S * (4 + 4)
     if stage == "metadata":
         return T * S * (4 + 4) + R * 4 + T * S * (4 + 4) + (2 * E + 1) * 4
+    if stage == "route_metadata":  # logits read; scatter, gate weights, gather, counts, offsets written
+        return T * E * b + T * S * (4 + 4) + R * 4 + (2 * E + 1) * 4
     if stage == "pack":  # tokens with a kept slot read once, every packed row written (zeros too)
         return (int(kept_slots.any(1).sum()) + R) * H * b
     if stage == "combine":
@@ -76,6 +79,10 @@ def strict_bytes(job: JobSpec, inp: Inputs, stage: str) -> int:
     if stage == "total":
         return strict_bytes(job, inp, "pack") + strict_bytes(job, inp, "combine")
     raise ValueError(stage)
+
+
+def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
+    return [meta.counts, meta.offsets, meta.gather_idx, meta.scatter_idx, meta.weights, meta.routed_counts]
 
 
 class Harness:
@@ -120,7 +127,25 @@ class Harness:
             def fn():
                 return im.metadata(inp.ids, inp.weights, E, job.capacity, inp.num_rows)
 
-            return [im], fn, lambda got: check_metadata(got, inp.meta), lambda: None
+            return [im], fn, lambda got: check_metadata(got, inp.meta), lambda: poison_free_blocks(_meta_tensors(inp.meta))
+        if stage == "route_metadata":
+            r_im, m_im = self.impl_for("route"), self.impl_for("metadata")
+            for im in (r_im, m_im):
+                im.check_device(dev)
+
+            def fn():
+                ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
+                return m_im.metadata(ids, w, E, job.capacity, inp.num_rows)
+
+            def check(got):
+                ref = inp.meta
+                if not r_im.exact_ties:  # another expert among equal scores: the reference on its ids
+                    ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
+                    ref = routing.build_metadata(ids.contiguous().to(torch.int32), w.contiguous().float(), E,
+                                                 job.capacity, inp.num_rows)
+                check_metadata(got, ref)
+
+            return [r_im, m_im], fn, check, lambda: poison_free_blocks(_meta_tensors(inp.meta))
         if stage == "pack":
             im = self.impl_for("pack")
             im.check_device(dev)
@@ -174,6 +199,9 @@ class Harness:
         job = self.job
         if stage == "total":
             names = [f"{s}={job.stage_impls[s]}" for s in job.stages if s != "total"]
+            row = {"stage_impl": ",".join(names)}
+        elif stage == "route_metadata":
+            names = [f"{s}={job.stage_impls[s]}" for s in ("route", "metadata")]
             row = {"stage_impl": ",".join(names)}
         else:
             row = {"stage_impl": job.stage_impls[stage]}

@@ -25,7 +25,11 @@ import numpy as np
 import pandas as pd
 
 #: Order of stages in tables and figures (unknown stages follow, alphabetically).
-STAGE_ORDER = ["route", "metadata", "pack", "experts", "expert_ffn", "ffn", "combine", "total"]
+STAGE_ORDER = ["gate", "route", "metadata", "pack", "gemm1", "activation", "gemm2", "experts", "expert_ffn", "ffn",
+               "combine", "total", "dense_gemm"]
+#: rows that aggregate or stand beside a chain's stages: never stacked in the stage breakdown
+#: (moe_layer: experts = gemm1 + activation + gemm2, dense_gemm = the same job's ceiling)
+NOT_STACKED = ("total", "experts", "dense_gemm", "raw_a2a")
 PER_STAGE_IMPLS = ["route", "metadata", "pack", "combine"]
 FAIL_STATUSES = ("unsupported", "mismatch", "error")
 
@@ -332,7 +336,7 @@ def fig_expert_load(df: pd.DataFrame, row=None):
 
 
 def fig_stage_breakdown(df: pd.DataFrame, bench: str = "moe_layer"):
-    """Stacked median time of each stage of ``bench`` (all stages but ``total``) per
+    """Stacked median time of each stage of ``bench`` (all stages but ``NOT_STACKED``) per
     implementation and shape (and distribution when several); a measured ``total`` is a
     black mark."""
     d = ok_rows(df)
@@ -346,7 +350,7 @@ def fig_stage_breakdown(df: pd.DataFrame, bench: str = "moe_layer"):
     extra = _varying(d, ["logits", "capacity", "dtype", "router", "timing_mode"])
     d["_bar"] = d.apply(lambda r: " · ".join([r["_impl"], r["_shape"], *(str(r[c]) for c in extra)]), axis=1)
     g = d.groupby(["_bar", "stage"])["time_us_median"].median().unstack("stage")
-    stages = sorted([s for s in g.columns if s != "total"], key=_stage_key)
+    stages = sorted([s for s in g.columns if s not in NOT_STACKED], key=_stage_key)
     bars = sorted(g.index)
     fig = _new_figure(10, 1.8 + 0.45 * len(bars))
     ax = fig.subplots()

@@ -52,6 +52,10 @@ FIELDS = [
     ("bytes_sent", _I), ("bytes_received", _I), ("algbw_GBps", _F), ("busbw_GBps", _F), ("pct_of_raw", _F),
     ("time_us_slowest_rank", _F), ("recv_imbalance", _F),
     # --- end expert parallelism ---
+    # --- MoE layer (bench=moe_layer, moebench/moe_layer.py): expert FFN size, GEMM path, FLOP rates ---
+    ("intermediate", _I), ("gemm_impl", _S), ("expert_rows", _I), ("flops", _F), ("tflops", _F),
+    ("pct_of_dense", _F), ("routing_share", _F),
+    # --- end MoE layer ---
 ]
 COLUMNS = [name for name, _ in FIELDS]
 

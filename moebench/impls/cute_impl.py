@@ -1,10 +1,16 @@
-"""impl=cute: pack and combine as CuTeDSL kernels (``moebench/kernels``), CUDA only.
-
-Route and metadata are not implemented here (the base class reports them missing); chain
-them from another implementation per stage, e.g. ``impl=torch impl_pack=cute impl_combine=cute``.
+"""impl=cute: every routing stage as CuTeDSL kernels (``moebench/kernels``), CUDA only.
 
 What runs
 ---------
+* ``route`` (``kernels/router.py``): one launch from logits to ids and gate weights, with
+  the reference's selection and tie-break, for ``softmax_topk`` (± renormalise), ``top1``,
+  ``topk_softmax``, ``topk_hard``, ``sigmoid_bias`` and ``group_limited``; any E <= 1024,
+  k <= 16. It also writes the per-tile expert histogram, which travels with the ids it
+  returns, so ``metadata`` on those ids is one more launch: logits to full metadata in two.
+* ``metadata`` (``kernels/metadata.py``): counts, offsets, gather and scatter indices
+  without a sort or a host sync, dropless or with a capacity (``position`` policy,
+  padded or not, renormalised or not); from ids of another route it first computes the
+  histogram (two launches).
 * ``pack``: ``pack_mode=scatter`` walks the tokens in order, so memory reads each token
   once (the strict bytes), and writes it to its slots' rows; when the metadata may hold
   empty rows (a capacity, padding) the same launch zeros them from ``gather_idx``.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from moebench.impls.base import Impl, Unsupported
+from moebench.routing import CapacitySpec, RouterSpec, RoutingMetadata
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PACK_MODES = ("auto", "gather", "scatter")
@@ -45,6 +52,61 @@ def _kernels():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
     return pack, combine
+
+
+def _routing_kernels():
+    try:
+        from moebench.kernels import metadata, router
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
+    return router, metadata
+
+
+#: most experts and slots the router kernel handles (32 lanes x 32 experts; k unrolled)
+MAX_EXPERTS, MAX_TOPK = 1024, 16
+#: where the route kernel's histogram rides along with the ids it returns
+_HIST_ATTR = "_moebench_route_hist"
+
+
+def router_static(router: RouterSpec, k: int, E: int, has_bias: bool) -> dict:
+    """The router kernel's static configuration for a reference router, or Unsupported."""
+    n = router.name
+    if n in ("hash", "expert_choice"):
+        raise Unsupported(f"router={n} is not a per-token top-k; impl=cute routes softmax_topk, top1, "
+                          "topk_softmax, topk_hard, sigmoid_bias and group_limited")
+    if E > MAX_EXPERTS:
+        raise Unsupported(f"experts={E}: the router kernel holds at most {MAX_EXPERTS} experts per token")
+    if k > MAX_TOPK:
+        raise Unsupported(f"topk={k}: the router kernel unrolls at most {MAX_TOPK} slots")
+    if n in ("softmax_topk", "top1"):
+        return dict(score="logit", weight="prob", renormalize=n == "softmax_topk" and router.renormalize)
+    if n == "topk_softmax":
+        return dict(score="logit", weight="softmax_k" if router.normalize == "softmax" else "sum_k",
+                    temperature=router.temperature)
+    if n == "topk_hard":
+        return dict(score="logit", weight="one")
+    grouped = n == "group_limited" and router.n_group > 1
+    static = dict(renormalize=True, scaling=router.scaling)
+    if router.score == "sigmoid":
+        static.update(score="sigmoid", weight="score", has_bias=has_bias)
+    else:
+        # selection on softmax probabilities equals selection on the logits only while the
+        # scores are compared as they are: a bias or a sum of two probabilities compares
+        # fp32 softmax values, whose last bit depends on torch's summation order
+        if has_bias:
+            raise Unsupported(f"router={n} with score=softmax and a bias selects on softmax + bias, which "
+                              "the kernel cannot reproduce bit for bit (use router.bias_std=0 or score=sigmoid)")
+        if grouped and router.group_score == "top2_sum":
+            raise Unsupported(f"router={n} with score=softmax ranks groups by a sum of two softmax values, which "
+                              "the kernel cannot reproduce bit for bit (use router.group_score=max or score=sigmoid)")
+        static.update(score="logit", weight="prob")
+    if grouped:
+        gs = E // router.n_group
+        if gs > 32:
+            raise Unsupported(f"group_limited: groups of {gs} experts; the kernel keeps a group in one lane "
+                              "(at most 32 experts per group)")
+        static.update(n_group=router.n_group, topk_group=router.topk_group, group_score=router.group_score)
+    return static
 
 
 class CuteImpl(Impl):
@@ -97,6 +159,52 @@ class CuteImpl(Impl):
         return self.pack_mode
 
     # -- stages ----------------------------------------------------------------------------
+    def route(self, logits, k, router, bias=None, out=None):
+        self.check_device(logits.device)
+        if logits.dtype not in DTYPES:
+            raise Unsupported(f"impl=cute routes bfloat16/float16/float32 logits, not {logits.dtype}")
+        T, E = logits.shape
+        if T > INT32_MAX:
+            raise Unsupported(f"T={T} tokens; int32 indices hold at most {INT32_MAX}")
+        static = router_static(router, k, E, bias is not None)
+        if router.name == "top1":
+            k = 1
+        krouter, _ = _routing_kernels()
+        ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static)
+        setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
+        return ids, weights
+
+    def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
+        self.check_device(ids.device)
+        T, S = ids.shape
+        E = num_experts
+        if capacity.drop_policy != "position" and not capacity.dropless:
+            raise Unsupported(f"capacity.drop_policy={capacity.drop_policy}: impl=cute drops by position only "
+                              "(the probs policy needs a per-expert sort by weight)")
+        if T * S > INT32_MAX:
+            raise Unsupported(f"T*S={T * S} assignments; int32 indices hold at most {INT32_MAX}")
+        cap = capacity.capacity(T, S, E)
+        if cap is None:
+            R = T * S if num_rows is None else num_rows
+        else:
+            R = E * cap if capacity.pad_to_capacity else min(T * S, E * cap)
+        if R > INT32_MAX:
+            raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
+        _, kmeta = _routing_kernels()
+        carried = getattr(ids, _HIST_ATTR, None)
+        tile = kmeta.tile_size(T)
+        if carried is not None and carried[1] == tile and carried[2] == ids._version and carried[0].shape[1] == E:
+            hist = carried[0]  # the route kernel's by-product: no histogram launch
+        else:
+            ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()
+            hist = kmeta.histogram(ids, E, tile)
+        w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+        counts, offsets, routed, gather, scatter, kept_w = kmeta.indices(
+            ids, w, hist, tile, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop)
+        return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather, scatter_idx=scatter,
+                               weights=kept_w, routed_counts=routed, capacity=cap,
+                               padded=capacity.pad_to_capacity and cap is not None)
+
     def pack(self, x, meta, out=None):
         self._check_rows(x, "x")
         T, H = x.shape

@@ -1,0 +1,455 @@
+"""Route: router logits ``[T, E]`` -> top-k expert ids and gate weights (``routing.route``),
+and the per-tile expert histogram the metadata kernel starts from.
+
+One *lane group* of ``G`` consecutive threads (a power of two, up to a warp) handles one
+token at a time. Lane ``g`` holds the ``V`` experts ``g*V .. g*V+V-1`` of the row in fp32
+registers (loaded as vectors of ``W`` elements where the row allows it), so E may be any
+size up to 1024, a power of two or not. Selection is exact, with the reference tie-break:
+
+    for each of the k slots:
+        m   = max over the group of the lane maxima     (max.f32 skips NaN)
+        idx = min over the group of the lowest index holding m
+        the owner marks that expert taken (NaN)
+
+Experts outside ``E``, taken ones and those of unselected groups hold NaN, so they never
+win; -inf logits still compete like in the reference. Everything the reference selects
+on is computed bit for bit like torch where it matters: ``softmax_topk`` / ``topk_*``
+select on the logits themselves (the softmax is monotone, so the order and the ties are
+the logits'), sigmoid scores use the correctly rounded ``1 / (1 + exp(-x))`` torch uses,
+plus the fp32 bias. Gate weights are computed in fp32 (within 1e-5 of the reference).
+
+The grid covers the tokens in *tiles* of ``tile`` tokens (a runtime value); a CTA routes
+one tile and writes its expert histogram ``hist[tile, E]`` (counts are sums, so the
+result is the same whatever order the CTA's threads add in). The metadata kernel
+(``moebench.kernels.metadata``) turns the histograms into offsets and indices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from moebench.kernels.common import VEC_BYTES
+
+#: most experts per lane (register budget) and per token (1024 = 32 lanes x 32)
+MAX_PER_LANE = 32
+MAX_EXPERTS = 1024
+MAX_TOPK = 16
+
+#: selection scores: the logit itself, or the sigmoid of it (plus the bias, if any)
+SCORES = ("logit", "sigmoid")
+#: gate weights before renormalisation and scaling:
+#:   prob      softmax over all E experts, taken at the selected ones
+#:   softmax_k softmax over the k selected logits (/ temperature)
+#:   sum_k     the k selected logits (/ temperature) over their signed sum
+#:   score     the selected (unbiased) sigmoid scores
+#:   one       1
+WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one")
+GROUP_SCORES = ("top2_sum", "max")
+
+_LOG2E = math.log2(math.e)
+_INT32_MIN = -(2**31)
+
+
+def _tree(op, vals: list):
+    """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n)."""
+    while len(vals) > 1:
+        vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class LaneLayout:
+    """How a token's E experts spread over a lane group: ``G`` lanes of ``V`` experts each
+    (lane ``g`` holds ``g*V .. g*V+V-1``), loaded as vectors of ``W`` elements."""
+
+    E: int
+    G: int
+    V: int
+    W: int
+
+    @classmethod
+    def make(cls, E: int, elem_bytes: int, group_size: int = 0) -> "LaneLayout":
+        """The fewest experts per lane that fit ``MAX_PER_LANE`` (fewer shuffles per slot),
+        or, with ``group_size`` (group-limited routers), whole groups per lane."""
+        assert 1 <= E <= MAX_EXPERTS
+        if group_size:
+            per_lane = group_size * max(1, MAX_PER_LANE // group_size)
+            G = _pow2_ceil(-(-E // per_lane))
+            V = per_lane if G > 1 else E
+        else:
+            G = _pow2_ceil(-(-E // MAX_PER_LANE))
+            V = -(-E // G)
+        assert G <= 32 and V <= MAX_PER_LANE
+        # widest vector (up to 16 bytes) that divides both the row and each lane's share
+        W = VEC_BYTES // elem_bytes
+        while W > 1 and (E % W or V % W):
+            W //= 2
+        return cls(E, G, V, W)
+
+
+class TopKRouter:
+    """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, E] int32.
+
+    Static configuration: the logits dtype, E, k, how experts are scored and weighted,
+    the bias, group-limited selection; the token count and the tile size are runtime."""
+
+    def __init__(self, dtype, E: int, k: int, *, score: str = "logit", weight: str = "prob",
+                 renormalize: bool = False, temperature: float = 1.0, scaling: float = 1.0,
+                 has_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2_sum",
+                 threads: int = 512):
+        assert score in SCORES and weight in WEIGHTS and group_score in GROUP_SCORES
+        assert 1 <= k <= min(E, MAX_TOPK)
+        self.dtype = dtype
+        self.E, self.k = E, k
+        self.score, self.weight = score, weight
+        self.renormalize, self.temperature, self.scaling = renormalize, float(temperature), float(scaling)
+        self.has_bias = has_bias
+        self.grouped = n_group > 1
+        self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
+        gs = E // n_group if self.grouped else 0
+        self.lanes = LaneLayout.make(E, dtype.width // 8, gs)
+        self.group_size = gs
+        self.groups_per_lane = self.lanes.V // gs if self.grouped else 0
+        self.threads = max(threads, self.lanes.G)
+        # 16-bit logits selected as they are: value and index fit one int32 key (see below)
+        self.keyed = score == "logit" and dtype.width == 16 and not self.grouped
+        self.index_bits = max(1, (E - 1).bit_length())
+        self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13
+        assert self.index_bits <= self.drop_bits
+
+    @cute.jit
+    def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
+                 mHist: cute.Tensor, tile: Int32, stream: cuda.CUstream):
+        assert mLogits.element_type == self.dtype
+        self.kernel(mLogits, mBias, mIds, mWeights, mHist, tile).launch(
+            grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+    # -- group-wide reductions over the G lanes of a token (xor shuffles stay in the group) --
+    @cute.jit
+    def group_max(self, x: Float32) -> Float32:
+        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+        return x
+
+    @cute.jit
+    def group_max_int(self, x: Int32) -> Int32:
+        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            x = cutlass.max(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+        return x
+
+    @cute.jit
+    def group_sum(self, x: Float32) -> Float32:
+        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            x = x + cute.arch.shuffle_sync_bfly(x, offset=1 << i)
+        return x
+
+    @cute.jit
+    def group_min_index(self, i: Int32, w: Float32):
+        """The lowest index over the group, with the value that came with it."""
+        for s in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            oi = cute.arch.shuffle_sync_bfly(i, offset=1 << s)
+            ow = cute.arch.shuffle_sync_bfly(w, offset=1 << s)
+            if oi < i:
+                i = oi
+                w = ow
+        return i, w
+
+    @cute.jit
+    def select(self, sel: cute.Tensor, src: cute.Tensor, base: Int32, n: cutlass.Constexpr[int],
+               src_is_sel: cutlass.Constexpr[bool]):
+        """Take the largest of ``sel[:n]`` over the group (lowest index on ties), mark it
+        taken (NaN) and return (its index, ``src`` at it). ``base`` = this lane's first index."""
+        m = _tree(cute.arch.fmax, [sel[v] for v in range(n)])
+        m = self.group_max(m)
+        idx = Int32(1 << 30)
+        w = m
+        for v in cutlass.range_constexpr(n - 1, -1, -1):
+            if sel[v] == m:
+                idx = base + v
+                if const_expr(not src_is_sel):
+                    w = src[v]
+        if const_expr(src_is_sel):
+            idx = self.group_min_int(idx)
+        else:
+            idx, w = self.group_min_index(idx, w)
+        for v in cutlass.range_constexpr(n):
+            if base + v == idx:
+                sel[v] = Float32.nan
+        return idx, w
+
+    @cute.jit
+    def group_min_int(self, x: Int32) -> Int32:
+        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            x = cutlass.min(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+        return x
+
+    @cute.jit
+    def select_keyed(self, keys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
+        """Keyed selection (16-bit logits; keys are unique): the largest key over the group,
+        among those ``< below`` after the first slot. That max is taken as a min of
+        ``c - key`` with ``c = below - 1 + 2**31`` in wrapping int32, which orders keys
+        ``< below`` first and the taken ones (``>= below``) last, so nothing is marked
+        and each expert costs two instructions per slot."""
+        m = below
+        if const_expr(first):
+            m = self.group_max_int(_tree(cutlass.max, [keys[v] for v in range(self.lanes.V)]))
+        else:
+            c = below + Int32(2**31 - 1)
+            d = self.group_min_int(_tree(cutlass.min, [c - keys[v] for v in range(self.lanes.V)]))
+            m = c - d
+        return m
+
+    @cute.kernel
+    def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
+               mHist: cute.Tensor, tile: Int32):
+        L = self.lanes
+        E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        T = mLogits.shape[0]
+        groups = self.threads // G
+        g = tidx % G
+        base = g * V  # this lane's first expert
+
+        smem = cutlass.memory.SmemAllocator()
+        sHist = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
+        for e in cutlass.range(tidx, E, self.threads, unroll=1):
+            sHist[e] = 0
+        cute.arch.sync_threads()
+
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
+        raw = cute.make_rmem_tensor((W, V // W), self.dtype)
+        x = cute.make_rmem_tensor((W, V // W), Float32)  # flat index v = expert base + v
+        sel = cute.make_rmem_tensor((V,), Float32)
+        src = cute.make_rmem_tensor((V,), Float32)
+        ids = cute.make_rmem_tensor((k,), Int32)
+        wts = cute.make_rmem_tensor((k,), Float32)
+        if const_expr(self.keyed):
+            keys = cute.make_rmem_tensor((V,), Int32)
+            bits = cute.make_rmem_tensor((1,), Int32)
+            bits_f = cute.recast_tensor(bits, Float32)
+        if const_expr(self.grouped):
+            gsel = cute.make_rmem_tensor((self.groups_per_lane,), Float32)
+            gkeep = cute.make_rmem_tensor((self.groups_per_lane,), Float32)
+
+        t0 = bidx * tile
+        t_end = cutlass.min(t0 + tile, T)
+        # every group of the CTA runs the same number of steps (the shuffles need whole
+        # warps); a group past the tile's end computes on stale registers and writes nothing
+        for r in cutlass.range(cute.ceil_div(tile, groups), unroll=1):
+            t = t0 + r * groups + tidx // G
+            active = t < t_end
+            # -- load this lane's experts of row t as fp32 (NaN past E) -----------------------
+            if active:
+                gRow = cute.zipped_divide(mLogits[t, None], (W,))
+                for i in cutlass.range_constexpr(V // W):
+                    if base + i * W < E:
+                        cute.copy(atom, gRow[None, base // W + i], raw[None, i])
+            x.store(raw.load().to(Float32))
+            for v in cutlass.range_constexpr(V):
+                if base + v >= E:
+                    x[v] = Float32.nan
+            # -- selection scores ------------------------------------------------------------
+            for v in cutlass.range_constexpr(V):
+                if const_expr(self.score == "sigmoid"):
+                    s = Float32(1.0) / (Float32(1.0) + cute.math.exp(-x[v]))
+                    src[v] = s
+                    if const_expr(self.has_bias):
+                        if base + v < E:
+                            s = s + mBias[base + v]
+                    sel[v] = s
+                else:
+                    sel[v] = x[v]
+                    src[v] = x[v]
+            # softmax over all E (the "prob" weights): group max and sum of exp
+            row_max = Float32(0.0)
+            if const_expr(self.weight == "prob" and self.grouped):  # the best group may not hold the max
+                row_max = self.group_max(_tree(cute.arch.fmax, [x[v] for v in range(V)]))
+            # -- group-limited: keep the experts of the best topk_group groups ---------------
+            if const_expr(self.grouped):
+                gs, gpl = self.group_size, self.groups_per_lane
+                for q in cutlass.range_constexpr(gpl):
+                    m1 = -Float32.inf
+                    m2 = -Float32.inf
+                    for v in cutlass.range_constexpr(q * gs, (q + 1) * gs):
+                        if sel[v] > m1:
+                            m2 = m1
+                            m1 = sel[v]
+                        elif sel[v] > m2:
+                            m2 = sel[v]
+                    gscore = m1
+                    if const_expr(self.group_score == "top2_sum" and gs >= 2):
+                        gscore = m1 + m2
+                    gsel[q] = gscore
+                    if base + q * gs >= E:
+                        gsel[q] = Float32.nan
+                    gkeep[q] = Float32(0.0)
+                for _ in cutlass.range_constexpr(self.topk_group):
+                    gi, _w = self.select(gsel, gsel, g * gpl, gpl, True)
+                    for q in cutlass.range_constexpr(gpl):
+                        if g * gpl + q == gi:
+                            gkeep[q] = Float32(1.0)
+                for v in cutlass.range_constexpr(V):
+                    if gkeep[v // gs] == Float32(0.0):
+                        sel[v] = Float32.nan
+            # -- the k slots, best first ---------------------------------------------------------
+            if const_expr(self.keyed):
+                # key = order-preserving int of the logit (its fp32 bits, -0 as +0, the
+                # always-zero low bits dropped) << index_bits | (2**index_bits - 1 - expert):
+                # the largest key is the largest logit, the lowest expert among equal ones
+                ib, db = self.index_bits, self.drop_bits
+                mask = (1 << ib) - 1
+                xi = cute.recast_tensor(x, Int32)
+                for v in cutlass.range_constexpr(V):
+                    x[v] = x[v] + Float32(0.0)
+                    b = xi[v]
+                    o = b ^ ((b >> 31) & Int32(0x7FFFFFFF))
+                    keys[v] = ((o >> db) << ib) | (mask - (base + v))
+                    if base + v >= E:
+                        keys[v] = Int32(_INT32_MIN)
+                key = Int32(0)
+                for j in cutlass.range_constexpr(k):
+                    key = self.select_keyed(keys, key, j == 0)
+                    ids[j] = mask - (key & mask)
+                    o = (key >> ib) << db
+                    if o < 0:
+                        o = o | ((1 << db) - 1)
+                    bits[0] = o ^ ((o >> 31) & Int32(0x7FFFFFFF))
+                    wts[j] = bits_f[0]
+            else:
+                for j in cutlass.range_constexpr(k):
+                    ids[j], wts[j] = self.select(sel, src, base, V, self.score == "logit")
+            # -- gate weights ----------------------------------------------------------------------
+            if const_expr(self.weight == "prob"):
+                if const_expr(not self.grouped):
+                    row_max = wts[0]  # the first slot holds the largest logit
+                terms = []
+                for v in cutlass.range_constexpr(V):
+                    term = cute.math.exp2((x[v] - row_max) * _LOG2E, fastmath=True)
+                    if base + v >= E:
+                        term = Float32(0.0)
+                    terms.append(term)
+                row_sum = self.group_sum(_tree(lambda a, b: a + b, terms))
+                inv = Float32(1.0) / row_sum
+                for j in cutlass.range_constexpr(k):
+                    wts[j] = cute.math.exp2((wts[j] - row_max) * _LOG2E, fastmath=True) * inv
+            elif const_expr(self.weight in ("softmax_k", "sum_k")):
+                if const_expr(self.temperature != 1.0):
+                    for j in cutlass.range_constexpr(k):
+                        wts[j] = wts[j] / Float32(self.temperature)
+                if const_expr(self.weight == "softmax_k"):
+                    mk = wts[0]
+                    for j in cutlass.range_constexpr(1, k):
+                        mk = cute.arch.fmax(mk, wts[j])
+                    for j in cutlass.range_constexpr(k):
+                        wts[j] = cute.math.exp2((wts[j] - mk) * _LOG2E, fastmath=True)
+                    tot = wts[0]
+                    for j in cutlass.range_constexpr(1, k):
+                        tot += wts[j]
+                    for j in cutlass.range_constexpr(k):
+                        wts[j] = wts[j] / tot
+                else:  # divide by the signed sum; clamp only a sum >= 0 (like the reference)
+                    tot = wts[0]
+                    for j in cutlass.range_constexpr(1, k):
+                        tot += wts[j]
+                    if tot >= Float32(0.0):
+                        tot = cute.arch.fmax(tot, Float32(1e-20))
+                    for j in cutlass.range_constexpr(k):
+                        wts[j] = wts[j] / tot
+            elif const_expr(self.weight == "one"):
+                for j in cutlass.range_constexpr(k):
+                    wts[j] = Float32(1.0)
+            if const_expr(self.renormalize):
+                tot = wts[0]
+                for j in cutlass.range_constexpr(1, k):
+                    tot += wts[j]
+                tot = cute.arch.fmax(tot, Float32(1e-20))
+                for j in cutlass.range_constexpr(k):
+                    wts[j] = wts[j] / tot
+            if const_expr(self.scaling != 1.0):
+                for j in cutlass.range_constexpr(k):
+                    wts[j] = wts[j] * Float32(self.scaling)
+            # -- write: slot j by lane j % G; count it in the tile's histogram -------------------
+            for j in cutlass.range_constexpr(k):
+                if active and g == j % G:
+                    mIds[t, j] = ids[j]
+                    mWeights[t, j] = wts[j]
+                    cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
+
+        cute.arch.sync_threads()
+        for e in cutlass.range(tidx, E, self.threads, unroll=1):
+            mHist[bidx, e] = sHist[e]
+
+
+# --------------------------------------------------------------------------------------
+# Compile (once per static key) and launch
+# --------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from moebench.kernels.common import COMPILE_OPTIONS, TORCH_TO_CUTE, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
+from moebench.kernels.metadata import fake_hist, num_tiles, tile_size  # noqa: E402
+
+_cache = CompileCache()
+
+
+def fake_logits(dtype, rows, E: int):
+    """Contiguous logits [rows, E]; the base 16-byte aligned (the vector loads need it)."""
+    return cute.runtime.make_fake_tensor(dtype, (rows, E), stride=(E, 1), assumed_align=VEC_BYTES)
+
+
+def compile_router(dtype, E: int, k: int, **static):
+    """The compiled router for a CuTeDSL dtype, E, k and the static options of TopKRouter."""
+    key = (dtype, E, k, tuple(sorted(static.items())))
+
+    def build():
+        T, B = cute.sym_int(), cute.sym_int()
+        return cute.compile(TopKRouter(dtype, E, k, **static), fake_logits(dtype, T, E), fake_vector(Float32, E),
+                            fake_table(Int32, T, k), fake_table(Float32, T, k), fake_hist(B, E), Int32(1),
+                            fake_stream(), options=COMPILE_OPTIONS)
+
+    return _cache.get(key, build)
+
+
+_zero_bias: dict = {}
+
+
+def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
+    """ids [T, k] int32, weights [T, k] fp32, hist [tiles, E] int32 and the tile size.
+
+    ``logits`` [T, E] of a handled dtype; ``static`` as TopKRouter (the caller has
+    checked the combination, see ``moebench.impls.cute_impl``)."""
+    T, E = logits.shape
+    dev = logits.device
+    if not logits.is_contiguous() or logits.data_ptr() % VEC_BYTES:
+        logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
+    ids, weights = out if out is not None else (None, None)
+    if ids is None or not ids.is_contiguous() or ids.dtype != torch.int32:
+        ids = torch.empty(T, k, dtype=torch.int32, device=dev)
+    if weights is None or not weights.is_contiguous() or weights.dtype != torch.float32:
+        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+    tile = tile_size(T)
+    hist = torch.empty(num_tiles(T, tile), E, dtype=torch.int32, device=dev)
+    if T == 0:
+        return ids, weights, hist.zero_(), tile
+    has_bias = bias is not None
+    if bias is None:
+        bias = _zero_bias.get((dev, E))
+        if bias is None:
+            bias = _zero_bias[(dev, E)] = torch.zeros(E, dtype=torch.float32, device=dev)
+    else:
+        bias = bias.to(torch.float32).contiguous()
+    fn = compile_router(TORCH_TO_CUTE[logits.dtype], E, k, **dict(static, has_bias=has_bias))
+    fn(logits, bias, ids, weights, hist, tile)
+    return ids, weights, hist, tile

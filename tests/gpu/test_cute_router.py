@@ -1,0 +1,186 @@
+"""impl=cute route and metadata on a GPU: exact agreement with the reference.
+
+ids, counts, offsets, gather and scatter indices must be equal; gate weights within 1e-5.
+Every output the kernels allocate is poisoned first (``torch.empty`` in the kernel modules
+is replaced by a poisoning one), so an element a kernel leaves unwritten fails the test.
+Skipped without CUDA (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench import routing as R
+from moebench.check import assert_close, check_metadata, poison
+from moebench.impls.base import Unsupported
+from moebench.impls.cute_impl import CuteImpl
+from moebench.logits import make_logits
+
+pytestmark = pytest.mark.gpu
+
+DROPLESS = R.CapacitySpec()
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every tensor the router / metadata kernels allocate starts as poison."""
+    real_empty = torch.empty
+
+    def empty(*size, **kw):
+        return poison(real_empty(*size, **kw))
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _logits(kind, T, E, dtype=torch.bfloat16, seed=0, ties=False):
+    lg = make_logits(kind, T, E, seed=seed, dtype=torch.float32, device="cuda")
+    if ties:  # round hard so many logits of a row are exactly equal
+        lg = (lg * 2).round() / 2
+    return lg.to(dtype)
+
+
+def _check_route(lg, k, router, bias=None):
+    im = CuteImpl()
+    ids, w = im.route(lg, k, router, bias)
+    rids, rw = R.route(lg, k, router, bias)
+    assert torch.equal(ids.long(), rids.long()), f"ids differ in {(ids.long() != rids.long()).any(1).sum()} rows"
+    assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
+    return im, ids, w
+
+
+ROUTERS = {
+    "softmax_topk": R.RouterSpec(),
+    "softmax_topk_renorm": R.RouterSpec(renormalize=True),
+    "topk_softmax": R.RouterSpec("topk_softmax", temperature=0.7),
+    "topk_softmax_sum": R.RouterSpec("topk_softmax", normalize="sum"),
+    "topk_hard": R.RouterSpec("topk_hard"),
+    "sigmoid_bias": R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5),
+    "sigmoid_nobias": R.RouterSpec("sigmoid_bias"),
+    "group_limited_v3": R.RouterSpec("group_limited", n_group=8, topk_group=4, bias_std=0.1, scaling=2.5),
+    "group_limited_v2": R.RouterSpec("group_limited", n_group=8, topk_group=3, score="softmax", group_score="max"),
+}
+
+
+@pytest.mark.parametrize("logits", ["uniform", "zipf", "hot"])
+@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("E,k", [(256, 8), (160, 6), (8, 2)])
+def test_route_matches_reference(name, E, k, logits):
+    router = ROUTERS[name]
+    if router.name == "group_limited" and (E % router.n_group or k > router.topk_group * E // router.n_group):
+        pytest.skip("group shape not valid for this E")
+    lg = _logits(logits, 3001, E, seed=E + k)
+    bias = router.expert_bias(E, "cuda", seed=3)
+    _check_route(lg, k, router, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("E,k", [(60, 4), (128, 2), (384, 8), (1000, 16), (1024, 1), (512, 16)])
+def test_route_any_E_and_dtype(E, k, dtype):
+    _check_route(_logits("uniform", 1537, E, dtype, seed=E), k, ROUTERS["softmax_topk"])
+
+
+@pytest.mark.parametrize("name", ["softmax_topk", "topk_hard", "sigmoid_nobias", "group_limited_v3"])
+def test_route_ties_break_toward_lower_index(name):
+    router = ROUTERS[name]
+    lg = _logits("uniform", 2048, 256, torch.float32, ties=True)
+    lg[:7] = 0.0  # whole rows tied
+    _check_route(lg, 8, router, router.expert_bias(256, "cuda", seed=3))
+
+
+def test_route_neg_inf_logits_still_compete():
+    lg = _logits("uniform", 64, 32, torch.float32)
+    lg[:, 3:] = float("-inf")  # only 3 finite experts, k = 4
+    _check_route(lg, 4, R.RouterSpec("topk_hard"))
+
+
+@pytest.mark.parametrize("T", [1, 2, 31, 4097, 131072])
+def test_route_and_metadata_token_counts(T):
+    router = ROUTERS["softmax_topk"]
+    im, ids, w = _check_route(_logits("zipf", T, 128, seed=T), 8, router)
+    rids, rw = R.route(_logits("zipf", T, 128, seed=T), 8, router)
+    check_metadata(im.metadata(ids, w, 128, DROPLESS), R.build_metadata(rids, rw, 128, DROPLESS))
+
+
+CAPS = {
+    "dropless": DROPLESS,
+    "cf1": R.CapacitySpec(1.0),
+    "cf1.25_renorm": R.CapacitySpec(1.25, renormalize_after_drop=True),
+    "cf0.5_padded": R.CapacitySpec(0.5, pad_to_capacity=True),
+    "min_capacity": R.CapacitySpec(0.01, min_capacity=3),
+}
+
+
+@pytest.mark.parametrize("logits", ["uniform", "zipf", "hot"])
+@pytest.mark.parametrize("cap", list(CAPS))
+@pytest.mark.parametrize("T,E,k", [(16384, 256, 8), (5000, 60, 4), (1, 8, 2), (3000, 1024, 16)])
+def test_metadata_matches_reference(T, E, k, cap, logits):
+    lg = _logits(logits, T, E, seed=T + E)
+    ids, w = R.route(lg, k, R.RouterSpec())
+    ref = R.build_metadata(ids, w, E, CAPS[cap])
+    im = CuteImpl()
+    check_metadata(im.metadata(ids, w, E, CAPS[cap]), ref)  # histogram + indices
+    cids, cw = im.route(lg, k, R.RouterSpec())
+    check_metadata(im.metadata(cids, cw, E, CAPS[cap]), ref)  # the route's histogram
+
+
+def test_metadata_one_expert_takes_everything():
+    T, E, k = 4096, 64, 1
+    ids = torch.full((T, k), 5, dtype=torch.int32, device="cuda")
+    w = torch.rand(T, k, device="cuda")
+    for cap in CAPS.values():
+        check_metadata(CuteImpl().metadata(ids, w, E, cap), R.build_metadata(ids, w, E, cap))
+
+
+def test_metadata_empty_slots_and_num_rows():
+    """expert_choice-style ids (-1 = no expert) with the dropless row count of the router."""
+    T, E, k = 300, 16, 2
+    router = R.RouterSpec("expert_choice")
+    lg = _logits("zipf", T, E)
+    ids, w = R.route(lg, k, router)
+    rows = router.num_rows(T, k, E)
+    check_metadata(CuteImpl().metadata(ids, w, E, DROPLESS, rows), R.build_metadata(ids, w, E, DROPLESS, rows))
+
+
+def test_route_then_metadata_is_two_launches_and_graph_capturable(monkeypatch):
+    monkeypatch.undo()  # no poisoning fills: count the kernels of route + metadata alone
+    T, E, k = 16384, 256, 8
+    lg = _logits("uniform", T, E)
+    im = CuteImpl()
+    ids, w = im.route(lg, k, R.RouterSpec())
+    im.metadata(ids, w, E, DROPLESS)  # compile outside the capture
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ids, w = im.route(lg, k, R.RouterSpec())
+        im.metadata(ids, w, E, DROPLESS)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, [e.name for e in kernels]
+    g = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(g):
+            gids, gw = im.route(lg, k, R.RouterSpec())
+            meta = im.metadata(gids, gw, E, DROPLESS)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g.replay()
+    rids, rw = R.route(lg, k, R.RouterSpec())
+    check_metadata(meta, R.build_metadata(rids, rw, E, DROPLESS))
+
+
+def test_unsupported_reasons():
+    im = CuteImpl()
+    lg = _logits("uniform", 8, 64)
+    for router, k, msg in [(R.RouterSpec("hash"), 2, "not a per-token top-k"),
+                           (R.RouterSpec("expert_choice"), 2, "not a per-token top-k"),
+                           (R.RouterSpec(), 17, "at most 16"),
+                           (R.RouterSpec("sigmoid_bias", score="softmax", bias_std=0.1), 2, "bias_std=0"),
+                           (R.RouterSpec("group_limited", n_group=2, score="softmax"), 2, "group_score=max")]:
+        with pytest.raises(Unsupported, match=msg):
+            im.route(lg, k, router, router.expert_bias(64, "cuda"))
+    with pytest.raises(Unsupported, match="at most 1024"):
+        im.route(_logits("uniform", 8, 2048), 2, R.RouterSpec())
+    ids, w = R.route(lg, 2, R.RouterSpec())
+    with pytest.raises(Unsupported, match="drops by position"):
+        im.metadata(ids, w, 64, R.CapacitySpec(1.0, drop_policy="probs"))

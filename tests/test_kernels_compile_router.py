@@ -1,0 +1,90 @@
+"""The router and metadata kernels compile for sm_90a on a machine without a GPU, for every
+router configuration ``impl=cute`` maps the reference routers to, and the pure-Python pieces
+(lane layout, tile size, router mapping) hold their invariants."""
+
+from __future__ import annotations
+
+import pytest
+
+cutlass = pytest.importorskip("cutlass")
+
+from moebench import routing as R  # noqa: E402
+from moebench.impls.base import Unsupported  # noqa: E402
+from moebench.impls.cute_impl import router_static  # noqa: E402
+from moebench.kernels import metadata as km  # noqa: E402
+from moebench.kernels import router as kr  # noqa: E402
+
+BF16, FP16, FP32 = cutlass.BFloat16, cutlass.Float16, cutlass.Float32
+
+#: (router, E, k, bias): every static mapping, at the shapes real models use
+ROUTER_CASES = [
+    (R.RouterSpec(), 256, 8, False),
+    (R.RouterSpec(renormalize=True), 128, 2, False),
+    (R.RouterSpec("top1"), 8, 1, False),
+    (R.RouterSpec("topk_softmax", temperature=0.5), 60, 4, False),
+    (R.RouterSpec("topk_softmax", normalize="sum"), 384, 8, False),
+    (R.RouterSpec("topk_hard"), 1024, 16, False),
+    (R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5), 384, 8, True),
+    (R.RouterSpec("group_limited", n_group=8, topk_group=4, bias_std=0.1, scaling=2.5), 256, 8, True),
+    (R.RouterSpec("group_limited", n_group=8, topk_group=3, score="softmax", group_score="max"), 160, 6, False),
+]
+
+
+@pytest.mark.parametrize("router,E,k,bias", ROUTER_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_router_compiles(router, E, k, bias):
+    static = router_static(router, k, E, bias)
+    k = 1 if router.name == "top1" else k
+    assert kr.compile_router(BF16, E, k, **dict(static, has_bias=static.get("has_bias", False))) is not None
+
+
+@pytest.mark.parametrize("dtype", [FP16, FP32])
+def test_router_compiles_other_dtypes(dtype):
+    assert kr.compile_router(dtype, 256, 8, score="logit", weight="prob", has_bias=False) is not None
+
+
+@pytest.mark.parametrize("E,S,capacity,padded,renorm", [
+    (256, 8, False, False, False), (128, 2, True, False, True), (160, 6, True, True, False),
+    (1024, 16, False, False, False), (8, 1, True, False, False)])
+def test_metadata_kernels_compile(E, S, capacity, padded, renorm):
+    assert km.compile_indices(E, S, capacity, padded, renorm) is not None
+    assert km.compile_histogram(E, S) is not None
+
+
+@pytest.mark.parametrize("E", [1, 7, 8, 60, 64, 100, 128, 160, 256, 384, 512, 1000, 1024])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_lane_layout_covers_the_experts(E, elem_bytes):
+    L = kr.LaneLayout.make(E, elem_bytes)
+    assert L.G & (L.G - 1) == 0 and L.G <= 32 and L.V <= kr.MAX_PER_LANE
+    assert L.G * L.V >= E and (L.G - 1) * L.V < E  # every expert has a lane, no lane is empty
+    assert L.V % L.W == 0 and E % L.W == 0 and L.W * elem_bytes <= 16
+
+
+@pytest.mark.parametrize("E,n_group", [(256, 8), (160, 8), (64, 4), (8, 8), (8, 2)])
+def test_lane_layout_keeps_groups_whole(E, n_group):
+    gs = E // n_group
+    L = kr.LaneLayout.make(E, 2, gs)
+    assert L.V % gs == 0 and L.G * L.V >= E
+
+
+@pytest.mark.parametrize("T", [1, 31, 32, 33, 4096, 16384, 16385, 131072, 10**6])
+def test_tiles_cover_the_tokens(T):
+    tile = km.tile_size(T)
+    n = km.num_tiles(T, tile)
+    assert tile % 32 == 0 and n * tile >= T and (n - 1) * tile < T
+    assert n <= km.TARGET_TILES
+
+
+def test_router_mapping_and_unsupported_reasons():
+    assert router_static(R.RouterSpec(), 8, 256, False) == dict(score="logit", weight="prob", renormalize=False)
+    s = router_static(R.RouterSpec("sigmoid_bias", scaling=2.5), 8, 256, True)
+    assert s["score"] == "sigmoid" and s["weight"] == "score" and s["has_bias"] and s["scaling"] == 2.5
+    for router, k, E, bias, msg in [
+        (R.RouterSpec("hash"), 2, 64, False, "not a per-token top-k"),
+        (R.RouterSpec(), 2, 2048, False, "at most 1024"),
+        (R.RouterSpec(), 17, 64, False, "at most 16"),
+        (R.RouterSpec("sigmoid_bias", score="softmax"), 2, 64, True, "bias_std=0"),
+        (R.RouterSpec("group_limited", n_group=2, score="softmax"), 2, 64, False, "group_score=max"),
+        (R.RouterSpec("group_limited", n_group=2), 2, 128, False, "at most 32 experts per group"),
+    ]:
+        with pytest.raises(Unsupported, match=msg):
+            router_static(router, k, E, bias)

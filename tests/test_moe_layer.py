@@ -1,0 +1,247 @@
+"""bench=moe_layer on the CPU: the fp32 reference against the torch GEMM paths (with and
+without a capacity), the job's rows and Parquet columns, unsupported / fused / mismatch rows,
+and the configuration errors."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from moebench import moe_layer as ml
+from moebench import results, routing
+from moebench.app import run_job
+from moebench.check import Mismatch, assert_close
+from moebench.config import CONF_DIR, ConfigError, resolve
+from moebench.impls.torch_impl import TorchImpl
+
+FAST = ["timing.warmup=1", "timing.repeats=2"]
+SMALL = ["shape=tiny", "tokens=128", "hidden=64", "intermediate=96", "experts=8", "topk=2"]
+
+
+def cfg_of(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["bench=moe_layer", *overrides])
+
+
+def run(tmp, *overrides):
+    return run_job(cfg_of(*SMALL, *FAST, *overrides), tmp).set_index("stage")
+
+
+class NoRoute(TorchImpl):
+    """The torch implementation without a route stage (like impl=cute before it had one)."""
+
+    name = "noroute"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        raise self.missing("route")
+
+
+# -- the layer math ---------------------------------------------------------------------------
+
+
+def _problem(cap, T=192, H=64, E=8, k=2, I=96, seed=5, dtype=torch.bfloat16):
+    w = ml.make_weights(E, H, I, dtype, seed=seed)
+    x = ml.make_x(T, H, dtype, seed=seed)
+    ids, wt = routing.route(x @ w.wg, k, routing.RouterSpec())
+    meta = routing.build_metadata(ids, wt, E, cap)
+    return x, w, ids, meta
+
+
+CAPS = {"dropless": routing.CapacitySpec(), "cf=0.75": routing.CapacitySpec(0.75),
+        "padded": routing.CapacitySpec(1.25, pad_to_capacity=True)}
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_torch_paths_match_the_fp32_reference(cap, weighted):
+    x, w, ids, meta = _problem(CAPS[cap])
+    packed, h, a, y, out = ml.torch_layer(x, w, meta, weighted)
+    ref = ml.moe_layer_reference(x, w, ids, meta.weights, meta.scatter_idx >= 0, weighted)
+    rtol, atol = ml.FP32_REFERENCE_TOLERANCE[torch.bfloat16]
+    assert_close(out, ref, "layer", rtol=rtol, atol=atol)
+    assert ref.abs().mean() > 0.05  # O(1) outputs: the tolerance is meaningful
+    n = int(meta.offsets[-1])
+    for name in ("loop", "grouped_mm"):
+        eg = ml.make_gemm(name)
+        bufs = ml.Buffers.allocate(x.shape[0], x.shape[1], w.experts, w.intermediate, meta.num_rows, x.dtype,
+                                   x.device)
+        bufs.poison()
+        got = ml.expert_ffn(eg, packed, meta, w, bufs)
+        assert_close(got[:n], y[:n], f"{name} expert rows", torch.bfloat16)
+        assert_close(routing.combine(got, meta, weighted=weighted), ref, f"{name} layer", rtol=rtol, atol=atol)
+
+
+def test_capacity_dropped_slots_contribute_nothing():
+    x, w, ids, meta = _problem(routing.CapacitySpec(0.25))
+    kept = meta.scatter_idx >= 0
+    assert (~kept).any() and kept.any()
+    ref = ml.moe_layer_reference(x, w, ids, meta.weights, kept)
+    out = ml.torch_layer(x, w, meta)[-1]
+    none_kept = ~kept.any(1)
+    assert none_kept.any()
+    assert (ref[none_kept] == 0).all() and (out[none_kept] == 0).all()
+    # padded blocks: the packed buffer's empty rows are zeros, and so are their expert rows,
+    # whatever GEMM path computed them
+    x, w, ids, meta = _problem(routing.CapacitySpec(1.5, pad_to_capacity=True))
+    empty = meta.gather_idx < 0
+    packed, _, _, y, _ = ml.torch_layer(x, w, meta)
+    assert empty.any() and (packed[empty] == 0).all() and (y[empty] == 0).all()
+    bufs = ml.Buffers.allocate(x.shape[0], x.shape[1], w.experts, w.intermediate, meta.num_rows, x.dtype, x.device)
+    assert (ml.expert_ffn(ml.make_gemm("grouped_mm"), packed, meta, w, bufs)[empty] == 0).all()
+
+
+def test_reference_catches_a_wrong_layer():
+    x, w, ids, meta = _problem(CAPS["dropless"])
+    ref = ml.moe_layer_reference(x, w, ids, meta.weights, meta.scatter_idx >= 0)
+    rtol, atol = ml.FP32_REFERENCE_TOLERANCE[torch.bfloat16]
+    swapped = ml.LayerWeights(w.wg, torch.cat([w.w1[:, w.intermediate:], w.w1[:, :w.intermediate]], 1), w.w2)
+    with pytest.raises(Mismatch):  # up and gate projections exchanged
+        assert_close(ml.torch_layer(x, swapped, meta)[-1], ref, "layer", rtol=rtol, atol=atol)
+    kept = meta.scatter_idx >= 0
+    kept[:, 1] = False  # one slot lost
+    with pytest.raises(Mismatch):
+        assert_close(ml.torch_layer(x, w, meta)[-1],
+                     ml.moe_layer_reference(x, w, ids, meta.weights, kept), "layer", rtol=rtol, atol=atol)
+
+
+def test_weights_are_seeded_and_scaled():
+    a, b = ml.make_weights(4, 64, 32, seed=1), ml.make_weights(4, 64, 32, seed=1)
+    assert torch.equal(a.w1, b.w1) and torch.equal(a.w2, b.w2) and torch.equal(a.wg, b.wg)
+    assert a.w1.shape == (4, 64, 64) and a.w2.shape == (4, 64, 32) and a.wg.shape == (64, 4)
+    assert a.w1.dtype == torch.bfloat16
+    assert abs(a.w1.float().std().item() - 64 ** -0.5) < 0.02 and abs(a.w2.float().std().item() - 32 ** -0.5) < 0.03
+    assert not torch.equal(ml.make_weights(4, 64, 32, seed=2).w1, a.w1)
+
+
+# -- the job ----------------------------------------------------------------------------------------
+
+
+def test_job_rows_columns_and_parquet(tmp_path):
+    df = run(tmp_path)
+    assert list(df.index) == list(ml.STAGES)
+    assert (df.status == "ok").all(), df.message.tolist()
+    assert (df.bench == "moe_layer").all() and (df.gemm_impl == "grouped_mm").all()
+    assert (df.intermediate == 96).all() and (df.expert_rows == 128 * 2).all()
+    assert (df.time_us_median > 0).all() and (df.timing_mode == "wall").all() and (df.repeats == 2).all()
+    M, H, I, E, T = 256, 64, 96, 8, 128
+    assert df.loc["gemm1", "flops"] == 4 * M * H * I and df.loc["gemm2", "flops"] == 2 * M * I * H
+    assert df.loc["experts", "flops"] == df.loc["dense_gemm", "flops"] == 6 * M * H * I
+    assert df.loc["total", "flops"] == 6 * M * H * I + 2 * T * H * E
+    for st in ("gemm1", "gemm2", "experts"):
+        want = 100 * df.loc[st, "tflops"] / df.loc["dense_gemm", "tflops"]
+        assert df.loc[st, "pct_of_dense"] == pytest.approx(want)
+    share = sum(df.loc[s, "time_us_median"] for s in ml.SHARE_STAGES) / df.loc["total", "time_us_median"]
+    assert df.loc["total", "routing_share"] == pytest.approx(share)
+    assert df.loc[["route", "metadata", "pack", "combine"], "bw_GBps_strict"].gt(0).all()
+    assert df.loc["total", "stage_impl"] == ("gate=torch,route=torch,metadata=torch,pack=torch,gemm=grouped_mm,"
+                                             "combine=torch")
+    schema = pq.read_schema(tmp_path / "results.parquet")
+    assert schema.names[: len(results.COLUMNS)] == results.COLUMNS
+    for c in ("intermediate", "gemm_impl", "expert_rows", "flops", "tflops", "pct_of_dense", "routing_share"):
+        assert c in schema.names
+    assert "cfg.bench.gemm" in schema.names
+
+
+@pytest.mark.parametrize("extra", [["bench.gemm=loop", "capacity=cf"], ["capacity=padded", "logits=zipf"],
+                                   ["bench.gemm=loop", "dtype=float32", "bench.weighted=false"]])
+def test_job_variants_check_and_time(tmp_path, extra):
+    df = run(tmp_path, *extra, "bench.fp32_reference=true")
+    assert (df.status == "ok").all(), df.message.tolist()
+
+
+def test_quack_rows_are_unsupported_on_cpu_and_fused_stages_say_so(tmp_path):
+    df = run(tmp_path, "bench.gemm=quack_gather_gated")
+    for st in ("gate", "route", "metadata", "combine", "dense_gemm"):
+        assert df.loc[st, "status"] == "ok", df.loc[st, "message"]
+    for st in ("pack", "gemm1", "activation", "gemm2", "experts", "total"):
+        assert df.loc[st, "status"] == "unsupported" and pd_isnull(df.loc[st, "time_us_median"])
+    assert "fused into gemm1" in df.loc["pack", "message"]
+    assert "cuda only" in df.loc["gemm1", "message"]
+    assert df.loc["pack", "stage_impl"] == "quack_gather_gated"
+    assert "pack=fused" in df.loc["total", "stage_impl"]
+    # the fused activation says so where the GEMM itself can run
+    eg = ml.make_gemm("quack_gated")
+    with pytest.raises(ml.Unsupported, match="fused into gemm1"):
+        eg.activation(torch.zeros(0, 4), torch.zeros(0, 2))
+    with pytest.raises(ml.Unsupported, match="cuda only"):
+        eg.check(torch.device("cpu"), torch.bfloat16, "wall", 64, 96)
+
+
+def pd_isnull(v):
+    import pandas as pd
+
+    return pd.isna(v)
+
+
+def test_a_stage_the_impl_lacks_is_unsupported_and_names_it(tmp_path):
+    df = run(tmp_path, "impl._target_=test_moe_layer.NoRoute", "impl.name=noroute")
+    assert df.loc["route", "status"] == "unsupported" and "has no route stage" in df.loc["route", "message"]
+    assert df.loc["total", "status"] == "unsupported" and "has no route stage" in df.loc["total", "message"]
+    assert df.loc["metadata", "status"] == "ok" and df.loc["gemm1", "status"] == "ok"
+    assert pd_isnull(df.loc["total", "routing_share"])
+
+
+def test_loop_is_unsupported_under_graph_capture():
+    with pytest.raises(ml.Unsupported, match="timing=graph"):
+        ml.make_gemm("loop").check(torch.device("cuda"), torch.bfloat16, "graph", 64, 96)
+
+
+def test_a_wrong_gemm_is_a_mismatch_row_and_never_timed(tmp_path, monkeypatch):
+    real = ml.GroupedMMGemm.gemm2
+
+    def off(self, a, meta, w, out):
+        return real(self, a, meta, w, out) * 1.1
+
+    monkeypatch.setattr(ml.GroupedMMGemm, "gemm2", off)
+    df = run(tmp_path)
+    for st in ("gemm2", "experts", "total"):
+        assert df.loc[st, "status"] == "mismatch", (st, df.loc[st, "message"])
+        assert pd_isnull(df.loc[st, "time_us_median"])
+    assert df.loc["gemm1", "status"] == "ok" and df.loc["dense_gemm", "status"] == "ok"
+
+
+def test_fp32_reference_auto_on_small_shapes_only():
+    job = resolve(cfg_of("shape=tiny"))
+    s = ml.settings_of(cfg_of("shape=tiny"), job)
+    assert s.intermediate == 512 and ml.fp32_reference_enabled(s, job)
+    big = resolve(cfg_of("shape=deepseek_v3", "device=cpu"))
+    sb = ml.settings_of(cfg_of("shape=deepseek_v3", "device=cpu"), big)
+    assert sb.intermediate == 2048 and not ml.fp32_reference_enabled(sb, big)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_defaults_and_overrides_resolve():
+    cfg = cfg_of()
+    job = resolve(cfg)
+    s = ml.settings_of(cfg, job)
+    assert job.stages == ml.STAGES and job.shape == "tiny" and s.intermediate == 512
+    assert (s.gemm, s.quack_tuned, s.fp32_reference) == ("grouped_mm", False, "auto")
+    assert (job.timing.warmup, job.timing.repeats) == (3, 30)  # the bench's own defaults
+    assert resolve(cfg_of("timing.repeats=7")).timing.repeats == 7
+    s = ml.settings_of(cfg_of("shape=qwen3_30b_a3b", "intermediate=1024", "bench.gemm=quack_varlen"),
+                       resolve(cfg_of("shape=qwen3_30b_a3b")))
+    assert (s.intermediate, s.gemm) == (1024, "quack_varlen")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("bench.gemm=cublas", "bench.gemm='cublas' is not accepted; accepted: loop, grouped_mm, quack_varlen"),
+    ("intermediate=0", "intermediate=0 is not accepted; intermediate must be an integer >= 1"),
+    ("intermediate=-4", "intermediate=-4 is not accepted"),
+    ("intermediate=1.5", "intermediate=1.5 is not accepted"),
+    ("intermediate=null", "intermediate=None is not accepted with bench=moe_layer"),
+    ("bench.quack_tuned=sometimes", "bench.quack_tuned='sometimes' is not accepted; accepted: true, false"),
+    ("bench.fp32_reference=maybe", "bench.fp32_reference='maybe' is not accepted; accepted: auto, true, false"),
+])
+def test_config_errors_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg_of("shape=tiny", override))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_config_raises_before_anything_is_written(tmp_path):
+    # run.py prints the ConfigError as one line and exits 2 (moebench.app.hydra_main)
+    with pytest.raises(ConfigError, match="bench.gemm='magic' is not accepted"):
+        run_job(cfg_of("shape=tiny", "bench.gemm=magic"), tmp_path)
+    assert not list(tmp_path.iterdir())
