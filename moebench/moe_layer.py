@@ -527,7 +527,7 @@ class LayerBench:
         return Reference(logits, prior, bias, ids, wts, meta, int(meta.offsets[-1]), packed, h, a, y, out, out32)
 
     # -- checks -------------------------------------------------------------------------
-    def _compare_rows(self, got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    def _compare_rows(self, got: torch.Tensor, ref: torch.Tensor, what: str, after_act: bool = False) -> None:
         """Rows [0, offsets[E]); with gather-A only the rows that hold a token."""
         n = self.ref.rows
         if got.dim() != 2 or got.shape[0] < n or got.shape[1] != ref.shape[1]:
@@ -536,7 +536,18 @@ class LayerBench:
         if self.eg.fuses_pack and self.ref.meta.may_have_empty_rows:
             sel = self.ref.meta.gather_idx[:n] >= 0
             g, r = g[sel], r[sel]
-        assert_close(g, r, what, self.job.dtype)
+        assert_close(g, r, what, self.job.dtype, **(self._fused_act_tolerance() if after_act else {}))
+
+    def _fused_act_tolerance(self) -> dict:
+        """A fused SwiGLU epilogue computes SiLU(gate)*up on gemm1's fp32 accumulator; the torch
+        chain rounds h to the dtype first. Everything downstream of the activation is one
+        rounding apart, so it gets the chain tolerance of the fp32 reference (H100, qwen3 shape:
+        1 element in 2.7e8 of the expert output was 0.0195 off at |ref| 0.16, over bf16's
+        0.016 + 0.016 * |ref|)."""
+        if not self.eg.fuses_act:
+            return {}
+        rtol, atol = FP32_REFERENCE_TOLERANCE[self.job.dtype]
+        return {"rtol": rtol, "atol": atol}
 
     def _check_layer(self, got: torch.Tensor, chain_route=None) -> None:
         job, ref = self.job, self.ref
@@ -550,7 +561,7 @@ class LayerBench:
             want = torch_layer(self.x, self.w, meta, job.weighted)[-1]
             if want32 is not None:
                 want32 = moe_layer_reference(self.x, self.w, ids, meta.weights, meta.scatter_idx >= 0, job.weighted)
-        assert_close(got, want, "layer output vs the torch implementation", job.dtype)
+        assert_close(got, want, "layer output vs the torch implementation", job.dtype, **self._fused_act_tolerance())
         if want32 is not None:
             rtol, atol = FP32_REFERENCE_TOLERANCE[job.dtype]
             assert_close(got, want32, "layer output vs the fp32 reference", rtol=rtol, atol=atol)
@@ -578,7 +589,8 @@ class LayerBench:
                 _prepoison(shape, job.dtype, dev)
 
             return (lambda: eg.gemm1(inp, ref.meta, w, out),
-                    lambda got: self._compare_rows(got, want, "gemm1 output" + (" (SwiGLU)" if eg.fuses_act else "")),
+                    lambda got: self._compare_rows(got, want, "gemm1 output" + (" (SwiGLU)" if eg.fuses_act else ""),
+                                                       after_act=True),
                     reset)
         if stage == "activation":
             eg.activation(ref.h[:0], b.a[:0])  # raises Unsupported when fused into gemm1
@@ -597,7 +609,7 @@ class LayerBench:
                 _prepoison((ref.meta.num_rows, job.hidden), job.dtype, dev)
 
             return (lambda: expert_ffn(eg, inp, ref.meta, w, b),
-                    lambda got: self._compare_rows(got, ref.y, "expert FFN output"), reset)
+                    lambda got: self._compare_rows(got, ref.y, "expert FFN output", after_act=True), reset)
         if stage == "total":
             eg.check(dev, job.dtype, self.timer.mode, job.hidden, self.s.intermediate)
             chain = ("route", "metadata", "combine") + (() if eg.fuses_pack else ("pack",))
