@@ -36,6 +36,19 @@ def job_columns(job: JobSpec) -> dict:
     }
 
 
+def write_rows(stage_rows, common: dict, copy_GBps: float, output_dir: str | Path, container: dict):
+    """One job's table: each stage row with the job's common columns and ``pct_of_copy`` (its
+    strict bandwidth over the same job's copy), written atomically; returns (path, rows read back)."""
+    rows = []
+    for r in stage_rows:
+        row = {**common, **r}
+        if row.get("bw_GBps_strict") is not None:
+            row["pct_of_copy"] = 100.0 * row["bw_GBps_strict"] / copy_GBps
+        rows.append(row)
+    path = results.write(rows, Path(output_dir) / results.FILENAME, results.flatten_config(container))
+    return path, results.load(path)
+
+
 def _progress(i: int, n: int, row: dict, seconds: float) -> None:
     t = row.get("time_us_median")
     what = f"{t:.1f} us" if t is not None else row.get("message", "")
@@ -72,14 +85,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
         "sweep_dir": sweep_dir, "job_num": job_num, "overrides": overrides,
         "config": json.dumps(container, sort_keys=True, default=str),
     }
-    rows = []
-    for r in Harness(job, timer).run(inp, progress=_progress):
-        row = {**common, **r}
-        if row.get("bw_GBps_strict") is not None:
-            row["pct_of_copy"] = 100.0 * row["bw_GBps_strict"] / copy
-        rows.append(row)
-    path = results.write(rows, Path(output_dir) / results.FILENAME, results.flatten_config(container))
-    df = results.load(path)
+    path, df = write_rows(Harness(job, timer).run(inp, progress=_progress), common, copy, output_dir, container)
     print(f"\n{job.bench} on {common['gpu_name'] or 'cpu'} (copy {copy:.0f} GB/s, timing {timer.mode}) -> {path}")
     print(results.summary(df))
     return df

@@ -81,6 +81,38 @@ def strict_bytes(job: JobSpec, inp: Inputs, stage: str) -> int:
     raise ValueError(stage)
 
 
+def check_then_time(case, timer: Timer, device: torch.device, tokens: int, stage: str) -> dict:
+    """The measurement of one stage: ``case()`` gives (fn, check, reset); reset poisons the
+    outputs, one call is checked (its wall time with compilation is ``first_call_ms``), and
+    only a checked stage is timed. Returns the outcome columns: ``status``, ``message``, and
+    ``first_call_ms`` / ``time_us_*`` / ``repeats`` / ``tokens_per_s`` when they exist."""
+    row = {}
+    try:
+        fn, check, reset = case()
+        reset()
+        got = [None]
+
+        def first():
+            got[0] = fn()
+
+        row["first_call_ms"] = first_call_ms(first, device)
+        check(got[0])
+        got[0] = None
+        t = timer.time(fn)
+    except Unsupported as e:
+        return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
+    except Mismatch as e:
+        return {**row, "status": "mismatch", "message": f"mismatch: {e}"}
+    except Exception as e:  # noqa: BLE001 -- one failing case must not end the job
+        log.debug("stage %s failed:\n%s", stage, traceback.format_exc())
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return {**row, "status": "error", "message": f"error: {type(e).__name__}: {first_line}"[:500]}
+    return {**row, "status": "ok", "message": "",
+            "time_us_median": t.median_us, "time_us_p10": t.p10_us, "time_us_p90": t.p90_us,
+            "time_us_mean": t.mean_us, "time_us_std": t.std_us, "repeats": t.repeats,
+            "tokens_per_s": tokens / (t.median_us * 1e-6)}
+
+
 def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
     return [meta.counts, meta.offsets, meta.gather_idx, meta.scatter_idx, meta.weights, meta.routed_counts]
 
@@ -205,33 +237,13 @@ class Harness:
             row = {"stage_impl": ",".join(names)}
         else:
             row = {"stage_impl": job.stage_impls[stage]}
-        try:
-            _, fn, check, reset = self._case(stage, inp)
-            reset()
-            got = [None]
-
-            def first():
-                got[0] = fn()
-
-            row["first_call_ms"] = first_call_ms(first, job.device)
-            check(got[0])
-            t = self.timer.time(fn)
-        except Unsupported as e:
-            return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
-        except Mismatch as e:
-            return {**row, "status": "mismatch", "message": f"mismatch: {e}"}
-        except Exception as e:  # noqa: BLE001 -- one failing case must not end the job
-            log.debug("stage %s failed:\n%s", stage, traceback.format_exc())
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            return {**row, "status": "error", "message": f"error: {type(e).__name__}: {first_line}"[:500]}
+        row.update(check_then_time(lambda: self._case(stage, inp)[1:], self.timer, job.device, job.tokens, stage))
+        if row["status"] != "ok":
+            return row
         nbytes = strict_bytes(job, inp, stage)
-        sec = t.median_us * 1e-6
-        return {**row, "status": "ok", "message": "",
-                "time_us_median": t.median_us, "time_us_p10": t.p10_us, "time_us_p90": t.p90_us,
-                "time_us_mean": t.mean_us, "time_us_std": t.std_us, "repeats": t.repeats,
-                "bytes_strict": nbytes, "bytes_per_token_strict": nbytes / job.tokens,
-                "bw_GBps_strict": nbytes / sec / 1e9, "bw_GiBps_strict": nbytes / sec / 2**30,
-                "tokens_per_s": job.tokens / sec}
+        sec = row["time_us_median"] * 1e-6
+        return {**row, "bytes_strict": nbytes, "bytes_per_token_strict": nbytes / job.tokens,
+                "bw_GBps_strict": nbytes / sec / 1e9, "bw_GiBps_strict": nbytes / sec / 2**30}
 
     def run(self, inp: Inputs, progress=None) -> list[dict]:
         rows = []

@@ -68,7 +68,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +75,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from moebench import results, routing
+from moebench import routing
 from moebench.check import Mismatch, assert_close, poison
 from moebench.config import BENCHES, ConfigError, JobSpec, resolve, shape_preset
-from moebench.harness import Harness, Inputs
+from moebench.harness import Harness, Inputs, check_then_time
 from moebench.impls.base import Unsupported
 from moebench.logits import make_logits
-from moebench.timing import Timer, copy_bandwidth_GBps, first_call_ms
+from moebench.timing import Timer, copy_bandwidth_GBps
 
 log = logging.getLogger("moebench")
 
@@ -679,31 +678,7 @@ class LayerBench:
                         "message": f"unsupported: fused into gemm1 (bench.gemm={self.eg.name} gathers the token rows "
                                    "with A_idx); no separate pack"}
             return self.harness.run_stage(stage, self.inputs)
-        try:
-            fn, check, reset = self._case(stage)
-            reset()
-            got = [None]
-
-            def first():
-                got[0] = fn()
-
-            row["first_call_ms"] = first_call_ms(first, job.device)
-            check(got[0])
-            got[0] = None
-            t = self.timer.time(fn)
-        except Unsupported as e:
-            return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
-        except Mismatch as e:
-            return {**row, "status": "mismatch", "message": f"mismatch: {e}"}
-        except Exception as e:  # noqa: BLE001 -- one failing case must not end the job
-            log.debug("stage %s failed:\n%s", stage, traceback.format_exc())
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            return {**row, "status": "error", "message": f"error: {type(e).__name__}: {first_line}"[:500]}
-        sec = t.median_us * 1e-6
-        return {**row, "status": "ok", "message": "",
-                "time_us_median": t.median_us, "time_us_p10": t.p10_us, "time_us_p90": t.p90_us,
-                "time_us_mean": t.mean_us, "time_us_std": t.std_us, "repeats": t.repeats,
-                "tokens_per_s": job.tokens / sec}
+        return {**row, **check_then_time(lambda: self._case(stage), self.timer, job.device, job.tokens, stage)}
 
     def run(self, progress=None) -> list[dict]:
         rows = []
@@ -771,7 +746,7 @@ def summary(df) -> str:
 def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job_num: int = 0,
             overrides: str = ""):
     """``bench=moe_layer``: validate, measure every stage, write ``results.parquet``, print the table."""
-    from moebench.app import _progress, job_columns
+    from moebench.app import _progress, job_columns, write_rows
     from moebench.env import environment
     from moebench.metrics import routing_metrics
 
@@ -797,14 +772,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
         "output_dir": str(Path(output_dir).resolve()), "sweep_dir": sweep_dir, "job_num": job_num,
         "overrides": overrides, "config": json.dumps(container, sort_keys=True, default=str),
     }
-    rows = []
-    for r in bench.run(progress=_progress):
-        row = {**common, **r}
-        if row.get("bw_GBps_strict") is not None:
-            row["pct_of_copy"] = 100.0 * row["bw_GBps_strict"] / copy
-        rows.append(row)
-    path = results.write(rows, Path(output_dir) / results.FILENAME, results.flatten_config(container))
-    df = results.load(path)
+    path, df = write_rows(bench.run(progress=_progress), common, copy, output_dir, container)
     print(f"\n{BENCH} gemm={s.gemm} on {common['gpu_name'] or 'cpu'} T={job.tokens} H={job.hidden} "
           f"I={s.intermediate} E={job.experts} k={job.topk} (copy {copy:.0f} GB/s, timing {timer.mode}) -> {path}")
     print(summary(df))

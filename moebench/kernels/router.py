@@ -57,6 +57,10 @@ _LOG2E = math.log2(math.e)
 _INT32_MIN = -(2**31)
 
 
+def _add(a, b):
+    return a + b
+
+
 def _tree(op, vals: list):
     """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n)."""
     while len(vals) > 1:
@@ -137,21 +141,10 @@ class TopKRouter:
 
     # -- group-wide reductions over the G lanes of a token (xor shuffles stay in the group) --
     @cute.jit
-    def group_max(self, x: Float32) -> Float32:
+    def group_reduce(self, op: cutlass.Constexpr, x):
+        """``op`` over the G lanes of a token (xor shuffles stay inside the group)."""
         for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-        return x
-
-    @cute.jit
-    def group_max_int(self, x: Int32) -> Int32:
-        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = cutlass.max(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-        return x
-
-    @cute.jit
-    def group_sum(self, x: Float32) -> Float32:
-        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = x + cute.arch.shuffle_sync_bfly(x, offset=1 << i)
+            x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
         return x
 
     @cute.jit
@@ -171,7 +164,7 @@ class TopKRouter:
         """Take the largest of ``sel[:n]`` over the group (lowest index on ties), mark it
         taken (NaN) and return (its index, ``src`` at it). ``base`` = this lane's first index."""
         m = _tree(cute.arch.fmax, [sel[v] for v in range(n)])
-        m = self.group_max(m)
+        m = self.group_reduce(cute.arch.fmax, m)
         idx = Int32(1 << 30)
         w = m
         for v in cutlass.range_constexpr(n - 1, -1, -1):
@@ -180,19 +173,13 @@ class TopKRouter:
                 if const_expr(not src_is_sel):
                     w = src[v]
         if const_expr(src_is_sel):
-            idx = self.group_min_int(idx)
+            idx = self.group_reduce(cutlass.min, idx)
         else:
             idx, w = self.group_min_index(idx, w)
         for v in cutlass.range_constexpr(n):
             if base + v == idx:
                 sel[v] = Float32.nan
         return idx, w
-
-    @cute.jit
-    def group_min_int(self, x: Int32) -> Int32:
-        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = cutlass.min(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-        return x
 
     @cute.jit
     def select_keyed(self, keys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
@@ -203,10 +190,10 @@ class TopKRouter:
         and each expert costs two instructions per slot."""
         m = below
         if const_expr(first):
-            m = self.group_max_int(_tree(cutlass.max, [keys[v] for v in range(self.lanes.V)]))
+            m = self.group_reduce(cutlass.max, _tree(cutlass.max, [keys[v] for v in range(self.lanes.V)]))
         else:
             c = below + Int32(2**31 - 1)
-            d = self.group_min_int(_tree(cutlass.min, [c - keys[v] for v in range(self.lanes.V)]))
+            d = self.group_reduce(cutlass.min, _tree(cutlass.min, [c - keys[v] for v in range(self.lanes.V)]))
             m = c - d
         return m
 
@@ -275,7 +262,7 @@ class TopKRouter:
             # softmax over all E (the "prob" weights): group max and sum of exp
             row_max = Float32(0.0)
             if const_expr(self.weight == "prob" and self.grouped):  # the best group may not hold the max
-                row_max = self.group_max(_tree(cute.arch.fmax, [x[v] for v in range(V)]))
+                row_max = self.group_reduce(cute.arch.fmax, _tree(cute.arch.fmax, [x[v] for v in range(V)]))
             # -- group-limited: keep the experts of the best topk_group groups ---------------
             if const_expr(self.grouped):
                 gs, gpl = self.group_size, self.groups_per_lane
@@ -340,7 +327,7 @@ class TopKRouter:
                     if base + v >= E:
                         term = Float32(0.0)
                     terms.append(term)
-                row_sum = self.group_sum(_tree(lambda a, b: a + b, terms))
+                row_sum = self.group_reduce(_add, _tree(_add, terms))
                 inv = Float32(1.0) / row_sum
                 for j in cutlass.range_constexpr(k):
                     wts[j] = cute.math.exp2((wts[j] - row_max) * _LOG2E, fastmath=True) * inv
@@ -435,9 +422,12 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     if not logits.is_contiguous() or logits.data_ptr() % VEC_BYTES:
         logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
     ids, weights = out if out is not None else (None, None)
-    if ids is None or not ids.is_contiguous() or ids.dtype != torch.int32:
+    def usable(t, dtype):  # a given output buffer is written in place only when it fits exactly
+        return t is not None and t.is_contiguous() and t.dtype == dtype and tuple(t.shape) == (T, k) and t.device == dev
+
+    if not usable(ids, torch.int32):
         ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-    if weights is None or not weights.is_contiguous() or weights.dtype != torch.float32:
+    if not usable(weights, torch.float32):
         weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     tile = tile_size(T)
     hist = torch.empty(num_tiles(T, tile), E, dtype=torch.int32, device=dev)
