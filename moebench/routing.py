@@ -118,6 +118,14 @@ class CapacitySpec:
             return None
         return max(_ceil_capacity(self.factor, tokens, topk, experts), self.min_capacity)
 
+    def packed_rows(self, tokens: int, slots: int, experts: int, num_rows: int | None = None) -> int:
+        """Rows of the packed buffer: dropless ``num_rows`` (default every slot, T * S);
+        under a capacity ``E * capacity`` when padded, else at most that many kept rows."""
+        capacity = self.capacity(tokens, slots, experts)
+        if capacity is None:
+            return tokens * slots if num_rows is None else num_rows
+        return experts * capacity if self.pad_to_capacity else min(tokens * slots, experts * capacity)
+
 
 # --------------------------------------------------------------------------------------
 # Routers
@@ -360,12 +368,8 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
     routed_counts = _bincount(flat_valid_e, E + 1)[:E].to(torch.int32)
 
     capacity = cap.capacity(T, S, E)
-    if capacity is None:
-        kept = valid
-        R = n if num_rows is None else num_rows
-    else:
-        kept = keep_mask(ids, weights, E, capacity, cap.drop_policy)
-        R = E * capacity if cap.pad_to_capacity else min(n, E * capacity)
+    R = cap.packed_rows(T, S, E, num_rows)
+    kept = valid if capacity is None else keep_mask(ids, weights, E, capacity, cap.drop_policy)
 
     key = torch.where(kept, ids, E).flatten().long()
     order = torch.argsort(key, stable=True)

@@ -184,10 +184,7 @@ class CuteImpl(Impl):
         if T * S > INT32_MAX:
             raise Unsupported(f"T*S={T * S} assignments; int32 indices hold at most {INT32_MAX}")
         cap = capacity.capacity(T, S, E)
-        if cap is None:
-            R = T * S if num_rows is None else num_rows
-        else:
-            R = E * cap if capacity.pad_to_capacity else min(T * S, E * cap)
+        R = capacity.packed_rows(T, S, E, num_rows)
         if R > INT32_MAX:
             raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
         _, kmeta = _routing_kernels()
