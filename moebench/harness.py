@@ -4,6 +4,7 @@ a case an implementation cannot handle is an ``unsupported`` row with the reason
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ from moebench.check import (Mismatch, assert_close, assert_equal, check_metadata
 from moebench.config import JobSpec
 from moebench.impls.base import Impl, Unsupported
 from moebench.logits import make_logits
-from moebench.timing import Timer, first_call_ms
+from moebench.timing import Timer, first_call_ms, rotations
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,15 @@ def strict_bytes(job: JobSpec, inp: Inputs, stage: str) -> int:
 
 
 def check_then_time(case, timer: Timer, device: torch.device, tokens: int, stage: str) -> dict:
-    """The measurement of one stage: ``case()`` gives (fn, check, reset); reset poisons the
-    outputs, one call is checked (its wall time with compilation is ``first_call_ms``), and
-    only a checked stage is timed. Returns the outcome columns: ``status``, ``message``, and
-    ``first_call_ms`` / ``time_us_*`` / ``repeats`` / ``tokens_per_s`` when they exist."""
+    """The measurement of one stage: ``case()`` gives (fn, check, reset[, rotated]); reset
+    poisons the outputs, one call is checked (its wall time with compilation is
+    ``first_call_ms``), and only a checked stage is timed (``rotated``: the callables on input
+    copies that ``timing=rotated`` cycles through). Returns the outcome columns: ``status``,
+    ``message``, and ``first_call_ms`` / ``time_us_*`` / ``repeats`` / ``tokens_per_s`` when
+    they exist."""
     row = {}
     try:
-        fn, check, reset = case()
+        fn, check, reset, *rest = case()
         reset()
         got = [None]
 
@@ -98,7 +101,7 @@ def check_then_time(case, timer: Timer, device: torch.device, tokens: int, stage
         row["first_call_ms"] = first_call_ms(first, device)
         check(got[0])
         got[0] = None
-        t = timer.time(fn)
+        t = timer.time(fn, rotated=rest[0] if rest else None)
     except Unsupported as e:
         return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
     except Mismatch as e:
@@ -111,6 +114,53 @@ def check_then_time(case, timer: Timer, device: torch.device, tokens: int, stage
             "time_us_median": t.median_us, "time_us_p10": t.p10_us, "time_us_p90": t.p90_us,
             "time_us_mean": t.mean_us, "time_us_std": t.std_us, "repeats": t.repeats,
             "tokens_per_s": tokens / (t.median_us * 1e-6)}
+
+
+#: the Inputs fields each stage reads (copied for timing=rotated)
+STAGE_INPUTS = {
+    "route": ("logits", "bias"),
+    "metadata": ("ids", "weights"),
+    "route_metadata": ("logits", "bias"),
+    "pack": ("x", "meta"),
+    "combine": ("y", "meta"),
+    "total": ("logits", "bias", "ids", "weights", "x"),
+}
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    return dataclasses.replace(v, **{f.name: getattr(v, f.name).clone() for f in dataclasses.fields(v)
+                                     if isinstance(getattr(v, f.name), torch.Tensor)})
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    return sum(_nbytes(getattr(v, f.name)) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor))
+
+
+def rotated_calls(fn, inp: Inputs, fields) -> list:
+    """``fn`` on ``rotations()`` copies of the ``inp`` fields it reads: call ``i`` swaps copy
+    ``i`` into ``inp`` while it runs (the stage callables read ``inp`` at call time, so a
+    graph captured over these calls reads a different buffer in each)."""
+    fields = [f for f in fields if getattr(inp, f) is not None]
+    n = rotations(sum(_nbytes(getattr(inp, f)) for f in fields))
+    copies = [{f: _clone(getattr(inp, f)) for f in fields} for _ in range(n)]
+
+    def on(copy):
+        def call():
+            saved = {f: getattr(inp, f) for f in fields}
+            for f, v in copy.items():
+                setattr(inp, f, v)
+            try:
+                return fn()
+            finally:
+                for f, v in saved.items():
+                    setattr(inp, f, v)
+        return call
+
+    return [on(c) for c in copies]
 
 
 def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
@@ -237,7 +287,11 @@ class Harness:
             row = {"stage_impl": ",".join(names)}
         else:
             row = {"stage_impl": job.stage_impls[stage]}
-        row.update(check_then_time(lambda: self._case(stage, inp)[1:], self.timer, job.device, job.tokens, stage))
+        def case():
+            _, fn, check, reset = self._case(stage, inp)
+            return fn, check, reset, lambda: rotated_calls(fn, inp, STAGE_INPUTS[stage])
+
+        row.update(check_then_time(case, self.timer, job.device, job.tokens, stage))
         if row["status"] != "ok":
             return row
         nbytes = strict_bytes(job, inp, stage)

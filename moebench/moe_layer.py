@@ -42,8 +42,15 @@ Expert GEMMs (``bench.gemm``):
   gemm1's epilogue and ``h`` is never written; the ``activation`` row says "fused into gemm1".
 
 quack needs a CUDA GPU and 16-bit inputs; without them its rows are ``unsupported`` with the
-reason (never a fallback). ``bench.quack_tuned=true`` runs quack's autotuner on the first call
-(untimed, cached on disk under ~/.quack) instead of its default config.
+reason (never a fallback). quack picks its GEMM config itself: untuned, its per-arch default (on
+SM90 ``128x192_pp_c2x1``: 128x192 tiles, pingpong, 2x1 clusters; varlen and gather-A GEMMs never
+take its nvMMH heuristic, which is for plain dense GEMMs); ``bench.quack_tuned=true`` runs its
+autotuner on the first call (untimed, cached on disk under ~/.quack); ``bench.quack_config=<name>``
+pins one SM90 config for every quack GEMM of the job (``quack_config_fields`` has the spelling:
+``128x256_coop_c1x2``, ``default``, or a dict of GemmConfig fields), checked against quack's SM90
+tile rules when the config is resolved; it names the GEMM path in the rows
+(``gemm_impl`` / ``stage_impl`` ``quack_varlen[128x256_coop_c1x2]``) and excludes
+``quack_tuned``. It applies to the quack_* paths only (``loop`` and ``grouped_mm`` ignore it).
 
 Rows beyond ``offsets[E]`` (the tail a capacity leaves) belong to no expert: the grouped GEMMs
 do not compute them and combine never reads them, so every check compares rows ``[0, offsets[E])``.
@@ -67,6 +74,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +111,19 @@ FP32_REFERENCE_TOLERANCE = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 
 #: rows of the dense GEMM checked against fp32
 DENSE_CHECK_ROWS = 256
 
+#: ``bench.quack_config``: the GemmConfig fields one may pin, and quack's SM90 default
+#: (``quack.gemm_config.default_config`` on sm_90: what untuned quack runs for varlen-M GEMMs)
+QUACK_CONFIG_KEYS = ("tile_m", "tile_n", "pingpong", "cluster_m", "cluster_n", "max_swizzle_size",
+                     "is_dynamic_persistent")
+QUACK_SM90_DEFAULT = {"tile_m": 128, "tile_n": 192, "pingpong": True, "cluster_m": 2, "cluster_n": 1,
+                      "max_swizzle_size": 8, "is_dynamic_persistent": False}
+QUACK_CONFIG_NAME = re.compile(r"(\d+)x(\d+)_(pp|coop)_c(\d+)x(\d+)(?:_sw(\d+))?(_dyn)?")
+QUACK_CONFIG_ACCEPTED = ("accepted: null (quack's default, or the autotuner with bench.quack_tuned=true), "
+                         "default (quack's SM90 default pinned: 128x192_pp_c2x1), a name "
+                         "<tile_m>x<tile_n>_<pp|coop>_c<cluster_m>x<cluster_n>[_sw<max_swizzle_size>][_dyn] "
+                         "(e.g. 128x192_pp_c1x2, 128x256_coop_c1x2), or a dict of "
+                         + ", ".join(QUACK_CONFIG_KEYS) + " (missing keys from the default)")
+
 
 # --------------------------------------------------------------------------------------
 # Configuration
@@ -115,10 +136,15 @@ class LayerSettings:
     gemm: str = "grouped_mm"
     quack_tuned: bool = False
     fp32_reference: str | bool = "auto"
+    #: the canonical name of the pinned quack GemmConfig (``bench.quack_config``), None for quack's own choice
+    quack_config: str | None = None
 
 
 def settings_of(cfg: DictConfig, job: JobSpec) -> LayerSettings:
     """The MoE-layer keys of a composed config, validated (ConfigError one-liners)."""
+    if job.timing.mode == "rotated":
+        raise ConfigError("timing=rotated is not accepted with bench=moe_layer (its stages run for milliseconds "
+                          "on inputs far larger than the L2); accepted: events, graph")
     inter = cfg.get("intermediate")
     if inter is None and (cfg.get("shape_name") or "auto") == "auto":
         # shape=auto: the preset this machine got (tiny or seed) carries the FFN size
@@ -140,7 +166,117 @@ def settings_of(cfg: DictConfig, job: JobSpec) -> LayerSettings:
         ref = ref.lower() == "true"
     if not any(ref is v or (isinstance(ref, str) and ref == v) for v in FP32_REFERENCE):
         raise ConfigError(f"bench.fp32_reference={ref!r} is not accepted; accepted: auto, true, false")
-    return LayerSettings(inter, gemm, tuned, ref)
+    raw = b.get("quack_config")
+    qc = quack_config_of(raw, gemm)
+    if qc is not None and tuned:
+        raw = OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw
+        raise ConfigError(f"bench.quack_config={raw!r} and bench.quack_tuned=true are mutually exclusive "
+                          "(a pinned GEMM config or quack's autotuner); set one of them")
+    return LayerSettings(inter, gemm, tuned, ref, qc)
+
+
+def quack_config_name(fields: dict) -> str:
+    """The canonical name of GemmConfig fields, e.g. ``128x192_pp_c1x2`` (``_sw<n>`` when the
+    swizzle is not 8, ``_dyn`` with the dynamic persistent scheduler); parses back to the same fields."""
+    f = {**QUACK_SM90_DEFAULT, **fields}
+    name = (f"{f['tile_m']}x{f['tile_n']}_{'pp' if f['pingpong'] else 'coop'}"
+            f"_c{f['cluster_m']}x{f['cluster_n']}")
+    if f["max_swizzle_size"] != QUACK_SM90_DEFAULT["max_swizzle_size"]:
+        name += f"_sw{f['max_swizzle_size']}"
+    return name + ("_dyn" if f["is_dynamic_persistent"] else "")
+
+
+def quack_config_fields(value) -> dict:
+    """``bench.quack_config`` (a name or a dict; see QUACK_CONFIG_ACCEPTED) -> all GemmConfig fields
+    of QUACK_CONFIG_KEYS, checked against quack's SM90 tile rules (ConfigError one-liners)."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    what = f"bench.quack_config={value!r} is not accepted"
+    if isinstance(value, str):
+        if value == "default":
+            return dict(QUACK_SM90_DEFAULT)
+        m = QUACK_CONFIG_NAME.fullmatch(value)
+        if m is None:
+            raise ConfigError(f"{what}; {QUACK_CONFIG_ACCEPTED}")
+        tm, tn, kind, cm, cn, sw, dyn = m.groups()
+        fields = {"tile_m": int(tm), "tile_n": int(tn), "pingpong": kind == "pp", "cluster_m": int(cm),
+                  "cluster_n": int(cn), "max_swizzle_size": int(sw) if sw else QUACK_SM90_DEFAULT["max_swizzle_size"],
+                  "is_dynamic_persistent": bool(dyn)}
+    elif isinstance(value, dict):
+        bad = [k for k in value if k not in QUACK_CONFIG_KEYS]
+        if bad:
+            raise ConfigError(f"{what}: unknown key(s) {', '.join(map(str, bad))}; {QUACK_CONFIG_ACCEPTED}")
+        fields = {**QUACK_SM90_DEFAULT, **value}
+        for k, v in fields.items():
+            want_bool = isinstance(QUACK_SM90_DEFAULT[k], bool)
+            if want_bool != isinstance(v, bool) or not isinstance(v, (bool, int)):
+                raise ConfigError(f"{what}: {k}={v!r} must be {'true/false' if want_bool else 'an integer'}; "
+                                  f"{QUACK_CONFIG_ACCEPTED}")
+    else:
+        raise ConfigError(f"{what}; {QUACK_CONFIG_ACCEPTED}")
+    problem = _sm90_config_problem(fields)
+    if problem:
+        raise ConfigError(f"{what}: {problem}; {QUACK_CONFIG_ACCEPTED}")
+    return fields
+
+
+def _sm90_config_problem(f: dict) -> str | None:
+    """Why quack's SM90 GEMM refuses these fields (the checks of quack.gemm_sm90.GemmSm90.__init__), or None."""
+    tm, tn = f["tile_m"], f["tile_n"]
+    if f["pingpong"]:
+        if tm not in (64, 128, 192):
+            return f"a pingpong tile_m must be 64, 128 or 192, not {tm}"
+        n_max = {64: 256, 128: 208, 192: 128}[tm]
+        if tn < 16 or tn % 16 or tn > n_max:
+            return f"a pingpong {tm}-row tile needs tile_n a multiple of 16 up to {n_max}, not {tn}"
+    else:
+        if tm not in (64, 128, 192, 256, 320):
+            return f"a cooperative tile_m must be 64, 128, 192, 256 or 320, not {tm}"
+        if tm in (192, 320):
+            n_max = 256 if tm == 192 else 160
+            if tn < 32 or tn % 32 or tn > n_max:
+                return f"a cooperative {tm}-row tile needs tile_n a multiple of 32 up to {n_max}, not {tn}"
+        elif not (tn >= 16 and ((tn % 16 == 0 and tn <= 256) or (tn % 32 == 0 and tn <= 512))):
+            return f"a cooperative tile needs tile_n a multiple of 16 up to 256 or of 32 up to 512, not {tn}"
+    cm, cn = f["cluster_m"], f["cluster_n"]
+    if cm not in (1, 2, 4) or cn not in (1, 2, 4) or cm * cn > 8:
+        return f"cluster_m and cluster_n must be 1, 2 or 4 with at most 8 CTAs a cluster, not {cm}x{cn}"
+    if f["max_swizzle_size"] < 1:
+        return f"max_swizzle_size must be >= 1, not {f['max_swizzle_size']}"
+    return None
+
+
+def _gemm_config_problem(f: dict, gemm: str) -> str | None:
+    """What quack's gather-A and gated-epilogue GEMMs additionally refuse (quack.gemm_config.config_supports
+    and the SM90 gated epilogue), or None."""
+    cls = GEMM_CLASSES[gemm]
+    if cls.fuses_pack:
+        if f["cluster_n"] != 1:
+            return f"bench.gemm={gemm} (gather-A) needs cluster_n=1"
+        if f["tile_n"] == 208 or f["is_dynamic_persistent"]:
+            return f"bench.gemm={gemm} (gather-A) excludes tile_n=208 and the dynamic scheduler on SM90"
+    if cls.fuses_act:
+        if f["tile_n"] % 32:
+            return f"bench.gemm={gemm} (gated epilogue) needs tile_n a multiple of 32 on SM90"
+        if not f["pingpong"] and f["tile_m"] == 192:
+            return f"bench.gemm={gemm} (gated epilogue): quack's gated configs exclude cooperative 192-row tiles"
+    return None
+
+
+def quack_config_of(value, gemm: str) -> str | None:
+    """``bench.quack_config`` validated for ``bench.gemm`` -> its canonical name (None: not pinned).
+    The value is checked whatever the GEMM; it applies to the quack_* GEMMs only."""
+    if value is None:
+        return None
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    fields = quack_config_fields(value)
+    if gemm in GEMM_CLASSES and issubclass(GEMM_CLASSES[gemm], QuackGemm):
+        problem = _gemm_config_problem(fields, gemm)
+        if problem:
+            raise ConfigError(f"bench.quack_config={value!r} is not accepted: {problem}; "
+                              f"{QUACK_CONFIG_ACCEPTED}")
+    return quack_config_name(fields)
 
 
 def validate(cfg: DictConfig, job: JobSpec) -> LayerSettings:
@@ -254,8 +390,14 @@ class ExpertGemm:
     fuses_act = False
     host_sync = False  # reads the expert offsets on the host (not capturable in a CUDA graph)
 
-    def __init__(self, tuned: bool = False):
+    def __init__(self, tuned: bool = False, config: str | None = None):
         self.tuned = tuned
+        self.config = config  # a pinned quack GemmConfig's canonical name (quack_* GEMMs only)
+
+    @property
+    def label(self) -> str:
+        """The GEMM path as the rows name it: ``bench.gemm``, with a pinned config in brackets."""
+        return f"{self.name}[{self.config}]" if self.config else self.name
 
     def check(self, device: torch.device, dtype: torch.dtype, timing_mode: str, hidden: int,
               intermediate: int) -> None:
@@ -337,8 +479,25 @@ class QuackGemm(ExpertGemm):
             if v % 8:
                 raise Unsupported(f"bench.gemm={self.name} needs {what} a multiple of 8 (16-byte rows); {what}={v}")
         self._interface()
+        if self.config:
+            self._gemm_config()
+            cap = torch.cuda.get_device_capability(device)
+            if cap[0] != 9:
+                raise Unsupported(f"bench.quack_config={self.config} is an SM90 (Hopper) GEMM config; this GPU is "
+                                  f"sm_{cap[0]}{cap[1]}")
         if self.fuses_act:
             self._gated_epilogue()
+
+    def _gemm_config(self):
+        """quack's GemmConfig for the pinned ``bench.quack_config`` (built once: quack's epilogue plan
+        cache keys a pinned config by identity), or None (quack's default or its autotuner)."""
+        if not self.config:
+            return None
+        if getattr(self, "_pinned", None) is None:
+            from quack.gemm_config import GemmConfig
+
+            self._pinned = GemmConfig(**quack_config_fields(self.config), device_capacity=9)
+        return self._pinned
 
     def _gated_epilogue(self):
         """Build quack's SwiGLU epilogue (what gemm_act builds on its first call; cached by quack).
@@ -369,17 +528,29 @@ class QuackGemm(ExpertGemm):
         # gather token 0 there (never combined); rows holding tokens are unchanged
         return meta.gather_idx.clamp(min=0) if meta.may_have_empty_rows else meta.gather_idx
 
+    def _varlen_gemm(self, a, b, out, offsets, a_idx=None):
+        """quack's varlen-M GEMM: ``gemm`` (default config or the autotuner), or with a pinned config
+        the function under quack's autotune decorator, ``gemm_tuned.fn(..., config=)`` -- what
+        ``gemm(tuned=False)`` calls with the default config (``gemm`` itself takes no config)."""
+        q = self._interface()
+        cfg = self._gemm_config()
+        if cfg is None:
+            return q.gemm(a, b, out=out, cu_seqlens_m=offsets, A_idx=a_idx, tuned=self.tuned)
+        q.gemm_tuned.fn(a, b, out, C=None, cu_seqlens_m=offsets, A_idx=a_idx, config=cfg)
+        return out
+
     def gemm1(self, a, meta, w, out):
         q = self._interface()
         a_idx = self._a_idx(meta) if self.fuses_pack else None
         if self.fuses_act:
             _, post = q.gemm_act(a, w.w1.mT, activation="swiglu", postact_out=out, cu_seqlens_m=meta.offsets,
-                                 A_idx=a_idx, store_preact=False, concat_layout=("B",), tuned=self.tuned)
+                                 A_idx=a_idx, store_preact=False, concat_layout=("B",), tuned=self.tuned,
+                                 config=self._gemm_config())
             return post
-        return q.gemm(a, w.w1.mT, out=out, cu_seqlens_m=meta.offsets, A_idx=a_idx, tuned=self.tuned)
+        return self._varlen_gemm(a, w.w1.mT, out, meta.offsets, a_idx)
 
     def gemm2(self, a, meta, w, out):
-        return self._interface().gemm(a, w.w2.mT, out=out, cu_seqlens_m=meta.offsets, tuned=self.tuned)
+        return self._varlen_gemm(a, w.w2.mT, out, meta.offsets)
 
 
 class QuackGatherGemm(QuackGemm):
@@ -403,8 +574,11 @@ GEMM_CLASSES = {c.name: c for c in (LoopGemm, GroupedMMGemm, QuackGemm, QuackGat
 assert tuple(GEMM_CLASSES) == GEMMS
 
 
-def make_gemm(name: str, tuned: bool = False) -> ExpertGemm:
-    return GEMM_CLASSES[name](tuned)
+def make_gemm(name: str, tuned: bool = False, config: str | None = None) -> ExpertGemm:
+    """The GEMM path ``name``; ``config`` (a ``bench.quack_config`` name) pins quack's GemmConfig and
+    applies to the quack_* paths only."""
+    cls = GEMM_CLASSES[name]
+    return cls(tuned, config if issubclass(cls, QuackGemm) else None)
 
 
 @dataclass
@@ -491,7 +665,7 @@ class LayerBench:
     def __init__(self, job: JobSpec, s: LayerSettings, timer: Timer):
         self.job, self.s, self.timer = job, s, timer
         self.harness = Harness(job, timer)
-        self.eg = make_gemm(s.gemm, s.quack_tuned)
+        self.eg = make_gemm(s.gemm, s.quack_tuned, s.quack_config)
         T, H, E, I = job.tokens, job.hidden, job.experts, s.intermediate
         dev, dt = job.device, job.dtype
         self.x = make_x(T, H, dt, dev, job.seed)
@@ -651,15 +825,15 @@ class LayerBench:
     def stage_impl(self, stage: str) -> str:
         j, eg = self.job, self.eg
         if stage in ROUTING_STAGES:
-            return eg.name if (stage == "pack" and eg.fuses_pack) else j.stage_impls[stage]
+            return eg.label if (stage == "pack" and eg.fuses_pack) else j.stage_impls[stage]
         if stage == "activation":
-            return eg.name if eg.fuses_act else "torch"
+            return eg.label if eg.fuses_act else "torch"
         if stage in ("gemm1", "gemm2", "experts"):
-            return eg.name
+            return eg.label
         if stage == "total":
             pack = "fused" if eg.fuses_pack else j.stage_impls["pack"]
             parts = ["gate=torch"] + [f"{s}={j.stage_impls[s]}" for s in ("route", "metadata")] + [f"pack={pack}"]
-            return ",".join(parts + [f"gemm={eg.name}", f"combine={j.stage_impls['combine']}"])
+            return ",".join(parts + [f"gemm={eg.label}", f"combine={j.stage_impls['combine']}"])
         return "torch"
 
     def flops(self, stage: str) -> float | None:
@@ -754,7 +928,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
     s = settings_of(cfg, job)
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
-    log.info("bench=%s gemm=%s impl=%s shape=%s T=%d H=%d I=%d E=%d k=%d dtype=%s device=%s", BENCH, s.gemm,
+    log.info("bench=%s gemm=%s impl=%s shape=%s T=%d H=%d I=%d E=%d k=%d dtype=%s device=%s", BENCH,
+             make_gemm(s.gemm, s.quack_tuned, s.quack_config).label,
              job.impl, job.shape, job.tokens, job.hidden, s.intermediate, job.experts, job.topk, job.dtype_name,
              job.device)
     torch.manual_seed(job.seed)
@@ -768,12 +943,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job
     common = {
         **job_columns(job), **routing_metrics(ref.meta, ref.ids, ref.logits), **environment(job.device),
         "timing_mode": timer.mode, "copy_GBps": copy, "capacity_per_expert": ref.meta.capacity,
-        "intermediate": s.intermediate, "gemm_impl": s.gemm, "expert_rows": ref.rows,
+        "intermediate": s.intermediate, "gemm_impl": bench.eg.label, "expert_rows": ref.rows,
         "output_dir": str(Path(output_dir).resolve()), "sweep_dir": sweep_dir, "job_num": job_num,
         "overrides": overrides, "config": json.dumps(container, sort_keys=True, default=str),
     }
     path, df = write_rows(bench.run(progress=_progress), common, copy, output_dir, container)
-    print(f"\n{BENCH} gemm={s.gemm} on {common['gpu_name'] or 'cpu'} T={job.tokens} H={job.hidden} "
+    print(f"\n{BENCH} gemm={bench.eg.label} on {common['gpu_name'] or 'cpu'} T={job.tokens} H={job.hidden} "
           f"I={s.intermediate} E={job.experts} k={job.topk} (copy {copy:.0f} GB/s, timing {timer.mode}) -> {path}")
     print(summary(df))
     return df

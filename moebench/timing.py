@@ -1,6 +1,18 @@
-"""Timing: device events with the L2 flushed between repeats, CUDA-graph replay, or a
-host wall clock on the CPU -- the same statistics in every mode (METHOD.md habits:
-warm-up first, many repeats, median; compile/first-call time kept out of the stats).
+"""Timing: device events with the L2 flushed between repeats, CUDA-graph replay, CUDA-graph
+replay of many calls over rotated input copies, or a host wall clock on the CPU -- the same
+statistics in every mode (METHOD.md habits: warm-up first, many repeats, median;
+compile/first-call time kept out of the stats).
+
+Modes (``timing.mode``):
+
+* ``events``: each call between two events, the L2 flushed before it;
+* ``graph``: the call captured in a CUDA graph, each replay between two events, the L2
+  flushed before it (one graph launch per call: a floor of a few microseconds);
+* ``rotated``: ``n`` calls captured in one graph, call ``i`` on its own copy of the
+  stage's inputs (the copies together at least ``ROTATE_BYTES``, so each call reads its
+  inputs from DRAM, not from the L2 the previous call filled); each replay between two
+  events, divided by ``n``: one call back to back with others, for the stages whose
+  time is close to a launch latency (top-k, route, metadata).
 """
 
 from __future__ import annotations
@@ -11,13 +23,20 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("events", "graph")
+MODES = ("events", "graph", "rotated")
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H100/H200 L2 (50 MB)
+ROTATE_BYTES = 128 * 1024 * 1024  # input copies a rotated replay cycles through (> 2.5 x the L2)
+MAX_ROTATIONS = 64
+
+
+def rotations(set_bytes: int) -> int:
+    """Input copies for ``timing=rotated``: enough to cycle through ROTATE_BYTES, 2 to 64."""
+    return max(2, min(MAX_ROTATIONS, -(-ROTATE_BYTES // max(set_bytes, 1))))
 
 
 @dataclass(frozen=True)
 class TimingSpec:
-    mode: str = "events"  # events | graph (cuda only; cpu always uses the wall clock)
+    mode: str = "events"  # events | graph | rotated (cuda only; cpu always uses the wall clock)
     warmup: int = 5
     repeats: int = 50
 
@@ -72,11 +91,18 @@ class Timer:
         if self._flush is not None:
             self._flush.zero_()
 
-    def time(self, fn) -> Timing:
+    def time(self, fn, rotated=None) -> Timing:
+        """Time ``fn``; ``rotated`` (mode ``rotated``): a function giving the callables to
+        cycle through, each on its own copy of the inputs (see the module doc)."""
         if self.device.type != "cuda":
             return self._time_wall(fn)
         if self.spec.mode == "graph":
             return self._time_graph(fn)
+        if self.spec.mode == "rotated":
+            if rotated is None:
+                raise ValueError("timing=rotated needs input copies this measurement does not provide; "
+                                 "use timing=events or timing=graph")
+            return self._time_rotated(rotated())
         return self._time_events(fn)
 
     def _time_wall(self, fn) -> Timing:
@@ -107,18 +133,39 @@ class Timer:
             fn()
         return self._event_samples("events", fn)
 
-    def _time_graph(self, fn) -> Timing:
+    def _capture(self, fns) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then capture ``fns`` in order in one graph."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(max(1, self.spec.warmup)):
-                fn()
+                for fn in fns:
+                    fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for fn in fns:
+                fn()
         graph.replay()
-        return self._event_samples("graph", graph.replay)
+        return graph
+
+    def _time_graph(self, fn) -> Timing:
+        return self._event_samples("graph", self._capture([fn]).replay)
+
+    def _time_rotated(self, rotated) -> Timing:
+        fns = list(rotated)
+        graph = self._capture(fns)
+        for _ in range(2):
+            graph.replay()
+        n = self.spec.repeats
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize(self.device)
+        return Timing.from_samples("rotated", [s.elapsed_time(e) * 1e3 / len(fns) for s, e in zip(starts, ends)])
 
 
 def copy_bandwidth_GBps(device: torch.device, nbytes: int | None = None) -> float:

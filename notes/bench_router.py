@@ -1,83 +1,143 @@
-"""Device benchmark of impl=cute's router and metadata kernels, with a per-kernel breakdown.
+"""Device benchmark of impl=cute's router and metadata kernels: variants, per-kernel times.
 
-    source .gpu/setup.sh && python3 notes/bench_router.py [--threads 256 512]
+    source .gpu/setup.sh && python3 notes/bench_router.py [--quick]
 
-For each shape (T 16384, bf16, uniform logits, softmax_topk): route alone, route +
-metadata (two launches) timed with moebench.timing.Timer (graph mode: the calls captured
-in a CUDA graph, L2 flushed before each replay, median of 100), checked against the
-reference first; then torch.profiler's device time of each kernel (mean of 20 calls).
+For each shape (bf16, uniform logits, softmax_topk, dropless) and each variant of the route
+kernel (experts per lane, threads, prefetch) and of the metadata kernel (one so far),
+checked against the reference first (ids in order, the full metadata), then timed two ways:
+
+* ``rot``: ``N`` calls of route + metadata over ``N`` different logits buffers (together
+  more than twice the 50 MB L2, so every call reads its logits from DRAM) captured in one
+  CUDA graph; each replay timed with events, median of 50, divided by ``N``: the time of
+  one call back to back with others, without the graph-launch latency of one replay.
+* ``prof``: torch.profiler's device time of each kernel (mean of 20 calls).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
 
 import torch
 
 from moebench import routing as R
 from moebench.check import check_metadata
-from moebench.impls.cute_impl import CuteImpl
 from moebench.kernels import metadata as km
+from moebench.kernels import router as kr
 from moebench.logits import make_logits
-from moebench.timing import Timer, TimingSpec
 
-SHAPES = [(16384, 256, 8), (16384, 128, 8), (16384, 128, 2), (65536, 256, 8)]
+SHAPES = [(16384, 256, 8), (16384, 128, 8), (16384, 128, 2), (65536, 256, 8), (16384, 8, 2)]
+ROUTE_VARIANTS = {
+    "v32t512": dict(prefetch=False),
+    "v32t512p": dict(prefetch=True),
+    "v16t1024p": dict(max_per_lane=16, threads=1024, prefetch=True),
+}
+META_VARIANTS = {"default": None}
+
+
+def indices_fn(E, S, _variant):
+    return km.compile_indices(E, S, False, False, False)
+
+
+def chain(lg, k, rv, fn_idx, outs):
+    """route + metadata into preallocated outputs (graph-capturable)."""
+    ids, w, hist, tile = kr.route(lg, k, **rv)
+    counts, offsets, routed, gather, scatter = outs
+    fn_idx(ids, w, hist, counts, offsets, routed, gather, scatter, w, tile, 0)
+    return ids, w, counts, offsets, routed, gather, scatter
+
+
+def time_rotated(fns, reps=50):
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / len(fns))
+    return statistics.median(ts)
+
+
+def profile(fn, n=20):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = "route" if "Router" in e.key else "meta" if "Metadata" in e.key else e.key[:24]
+            per[name] = e.device_time_total / max(e.count, 1)
+    return per
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, nargs="+", default=[256])
+    ap.add_argument("--quick", action="store_true", help="the first shape only")
     args = ap.parse_args()
-    timer = Timer(TimingSpec("graph", warmup=10, repeats=100), torch.device("cuda"))
+    dev = torch.device("cuda")
     rows = []
-    for T, E, k in SHAPES:
-        lg = make_logits("uniform", T, E, seed=0, dtype=torch.bfloat16, device="cuda")
+    for T, E, k in SHAPES[:1] if args.quick else SHAPES:
+        nrot = max(2, -(-2 * 50 * 2**20 // (T * E * 2)))
+        lgs = [make_logits("uniform", T, E, seed=s, dtype=torch.bfloat16, device=dev) for s in range(nrot)]
         router, cap = R.RouterSpec(), R.CapacitySpec()
-        rids, rw = R.route(lg, k, router)
+        rids, rw = R.route(lgs[0], k, router)
         ref = R.build_metadata(rids, rw, E, cap)
-        for nt in args.threads:
-            im = CuteImpl()
-            orig = km.compile_indices
-
-            def compile_nt(*a, _nt=nt, **kw):  # the indices kernel with `nt` threads
-                key = ("indices",) + a + (_nt,)
-                return km._cache.get(key, lambda: _build(*a, _nt))
-
-            km.compile_indices = compile_nt
-            try:
-                ids, w = im.route(lg, k, router)
-                check_metadata(im.metadata(ids, w, E, cap), ref)
-                t_route = timer.time(lambda: im.route(lg, k, router)).median_us
-                t_both = timer.time(lambda: im.metadata(*im.route(lg, k, router), E, cap)).median_us
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        im.metadata(*im.route(lg, k, router), E, cap)
-                    torch.cuda.synchronize()
-                per = {}
-                for e in prof.key_averages():
-                    if e.device_type == torch.autograd.DeviceType.CUDA:
-                        per[e.key[:40]] = e.device_time_total / max(e.count, 1)
-            finally:
-                km.compile_indices = orig
-            rows.append((T, E, k, nt, t_route, t_both, per))
+        outs = [tuple(torch.empty(n, dtype=torch.int32, device=dev) for n in (E, E + 1, E, T * k)) +
+                (torch.empty(T, k, dtype=torch.int32, device=dev),) for _ in range(nrot)]
+        for rname, rv in ROUTE_VARIANTS.items():
+            for mname, cl in META_VARIANTS.items():
+                if mname != "default" and rname != "v32t512p":
+                    continue
+                row = dict(T=T, E=E, k=k, route=rname, meta=mname, nrot=nrot)
+                try:
+                    fi = indices_fn(E, k, cl)
+                    for o in outs[0]:
+                        o.fill_(-7)
+                    ids, w, counts, offsets, routed, gather, scatter = chain(lgs[0], k, rv, fi, outs[0])
+                    assert torch.equal(ids, rids.to(torch.int32)), "ids differ from the reference"
+                    torch.testing.assert_close(w, rw.float(), atol=1e-5, rtol=1e-5)
+                    got = R.RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather,
+                                            scatter_idx=scatter, weights=w, routed_counts=routed)
+                    check_metadata(got, ref)
+                    row["rot_us"] = time_rotated([lambda i=i: chain(lgs[i], k, rv, fi, outs[i]) for i in range(nrot)])
+                    row["route_rot_us"] = time_rotated([lambda i=i: kr.route(lgs[i], k, **rv) for i in range(nrot)])
+                    row.update({f"prof_{n}": v for n, v in profile(lambda: chain(lgs[0], k, rv, fi, outs[0])).items()})
+                    row["status"] = "ok"
+                except Exception as e:  # noqa: BLE001 -- one variant failing must not end the sweep
+                    row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_router.json"), "w") as f:
+            json.dump(rows, f, indent=1)
     print(f"card: {torch.cuda.get_device_name()}")
-    print(f"{'T':>6} {'E':>4} {'k':>2} {'thr':>4} {'route us':>9} {'route+meta us':>14}  kernels (device us each)")
-    for T, E, k, nt, a, b, per in rows:
-        ks = ", ".join(f"{n}: {v:.1f}" for n, v in per.items())
-        print(f"{T:>6} {E:>4} {k:>2} {nt:>4} {a:>9.1f} {b:>14.1f}  {ks}")
-
-
-def _build(E, S, capacity, padded, renormalize, nt):
-    import cutlass.cute as cute
-    from cutlass import Float32, Int32
-
-    from moebench.kernels.common import COMPILE_OPTIONS, fake_stream, fake_table, fake_vector
-    T, B, Rr = cute.sym_int(), cute.sym_int(), cute.sym_int()
-    return cute.compile(
-        km.MetadataIndices(E, S, capacity=capacity, padded=padded, renormalize=renormalize, threads=nt),
-        fake_table(Int32, T, S), fake_table(Float32, T, S), km.fake_hist(B, E), fake_vector(Int32, E),
-        fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, Rr), fake_table(Int32, T, S),
-        fake_table(Float32, T, S), Int32(1), Int32(1), fake_stream(), options=COMPILE_OPTIONS)
+    print(f"{'T':>6} {'E':>4} {'k':>2} {'route':>10} {'meta':>4} {'route rot':>9} {'both rot':>8} "
+          f"{'route prof':>10} {'meta prof':>9}  status")
+    for r in rows:
+        f = lambda key: f"{r[key]:.1f}" if key in r else "-"  # noqa: E731
+        print(f"{r['T']:>6} {r['E']:>4} {r['k']:>2} {r['route']:>10} {r['meta']:>4} {f('route_rot_us'):>9} "
+              f"{f('rot_us'):>8} {f('prof_route'):>10} {f('prof_meta'):>9}  {r['status'][:60]}")
 
 
 if __name__ == "__main__":

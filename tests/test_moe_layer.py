@@ -233,6 +233,7 @@ def test_defaults_and_overrides_resolve():
     ("intermediate=null", "intermediate=None is not accepted with bench=moe_layer"),
     ("bench.quack_tuned=sometimes", "bench.quack_tuned='sometimes' is not accepted; accepted: true, false"),
     ("bench.fp32_reference=maybe", "bench.fp32_reference='maybe' is not accepted; accepted: auto, true, false"),
+    ("timing=rotated", "timing=rotated is not accepted with bench=moe_layer"),
 ])
 def test_config_errors_are_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -245,3 +246,131 @@ def test_bad_config_raises_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="bench.gemm='magic' is not accepted"):
         run_job(cfg_of("shape=tiny", "bench.gemm=magic"), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# -- bench.quack_config: a pinned quack GemmConfig -------------------------------------------------
+
+
+@pytest.mark.parametrize("value,name", [
+    ("default", "128x192_pp_c2x1"),
+    ("128x192_pp_c1x2", "128x192_pp_c1x2"),
+    ("128x256_coop_c1x2", "128x256_coop_c1x2"),
+    ("64x256_pp_c1x1_sw4_dyn", "64x256_pp_c1x1_sw4_dyn"),
+    ("128x192_pp_c2x1_sw8", "128x192_pp_c2x1"),  # the default swizzle is not spelled
+    ({"tile_m": 256, "tile_n": 128, "pingpong": False, "cluster_m": 1, "cluster_n": 2}, "256x128_coop_c1x2"),
+    ({"cluster_m": 1}, "128x192_pp_c1x1"),  # missing keys from quack's SM90 default
+])
+def test_quack_config_names_round_trip(value, name):
+    fields = ml.quack_config_fields(value)
+    assert set(fields) == set(ml.QUACK_CONFIG_KEYS)
+    assert ml.quack_config_name(fields) == name
+    assert ml.quack_config_fields(name) == fields
+    assert ml.quack_config_of(value, "quack_varlen") == name
+
+
+def test_quack_config_resolves_and_names_the_gemm_path():
+    s = ml.settings_of(cfg_of("shape=tiny", "bench.gemm=quack_varlen", "bench.quack_config=128x256_coop_c1x2"),
+                       resolve(cfg_of("shape=tiny")))
+    assert (s.gemm, s.quack_tuned, s.quack_config) == ("quack_varlen", False, "128x256_coop_c1x2")
+    assert ml.make_gemm(s.gemm, s.quack_tuned, s.quack_config).label == "quack_varlen[128x256_coop_c1x2]"
+    # a dict override (Hydra's {k:v} syntax) and the default (null)
+    s = ml.settings_of(cfg_of("shape=tiny", "bench.gemm=quack_gated",
+                              "bench.quack_config={tile_m:128,tile_n:256,pingpong:false,cluster_m:1,cluster_n:2}"),
+                       resolve(cfg_of("shape=tiny")))
+    assert s.quack_config == "128x256_coop_c1x2"
+    assert ml.settings_of(cfg_of("shape=tiny"), resolve(cfg_of("shape=tiny"))).quack_config is None
+    assert ml.make_gemm("quack_varlen").label == "quack_varlen"
+    # the quack_* paths only: grouped_mm and loop ignore it (a sweep over bench.gemm keeps working)
+    assert ml.make_gemm("grouped_mm", config="128x192_pp_c1x2").label == "grouped_mm"
+
+
+def test_quack_config_rows_name_it_on_cpu(tmp_path):
+    df = run(tmp_path, "bench.gemm=quack_varlen", "bench.quack_config=128x192_pp_c1x2")
+    assert (df.gemm_impl == "quack_varlen[128x192_pp_c1x2]").all()
+    assert df.loc["gemm1", "stage_impl"] == "quack_varlen[128x192_pp_c1x2]"
+    assert df.loc["gemm1", "status"] == "unsupported" and "cuda only" in df.loc["gemm1", "message"]
+    assert "gemm=quack_varlen[128x192_pp_c1x2]" in df.loc["total", "stage_impl"]
+    assert (df["cfg.bench.quack_config"] == "128x192_pp_c1x2").all()
+
+
+class _FakeQuack:
+    """Records what QuackGemm hands to quack.gemm_interface (the GPU path, on the CPU)."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class Tuned:
+            @staticmethod
+            def fn(A, B, out, C=None, **kw):
+                outer.calls.append(("gemm_tuned.fn", kw))
+                out.copy_(torch.zeros_like(out))
+
+        self.gemm_tuned = Tuned()
+
+    def gemm(self, A, B, out=None, **kw):
+        self.calls.append(("gemm", kw))
+        return out
+
+    def gemm_act(self, A, B, postact_out=None, **kw):
+        self.calls.append(("gemm_act", kw))
+        return None, postact_out
+
+
+@pytest.mark.parametrize("gemm", ["quack_varlen", "quack_gather_gated"])
+def test_quack_config_is_passed_to_every_quack_gemm(monkeypatch, gemm):
+    pytest.importorskip("quack.gemm_config")  # the GemmConfig class itself (field names must match)
+    fake = _FakeQuack()
+    monkeypatch.setattr(ml.QuackGemm, "_interface", lambda self: fake)
+    x, w, ids, meta = _problem(CAPS["dropless"])
+    packed = ml.torch_layer(x, w, meta)[0]
+    R, I = meta.num_rows, w.intermediate
+    eg = ml.make_gemm(gemm, config="128x256_coop_c1x1")
+    cfg = eg._gemm_config()
+    assert (cfg.tile_m, cfg.tile_n, cfg.pingpong, cfg.cluster_m, cfg.cluster_n, cfg.device_capacity) == \
+        (128, 256, False, 1, 1, 9)
+    assert eg._gemm_config() is cfg  # built once (quack keys a pinned config by identity)
+    out1 = torch.empty(R, I if eg.fuses_act else 2 * I, dtype=x.dtype)
+    eg.gemm1(x if eg.fuses_pack else packed, meta, w, out1)
+    eg.gemm2(torch.empty(R, I, dtype=x.dtype), meta, w, torch.empty(R, x.shape[1], dtype=x.dtype))
+    assert [c[0] for c in fake.calls] == ["gemm_act" if eg.fuses_act else "gemm_tuned.fn", "gemm_tuned.fn"]
+    assert all(c[1]["config"] is cfg for c in fake.calls)
+    # unpinned: quack's own choice (gemm with tuned=..., gemm_act with config=None)
+    fake.calls.clear()
+    eg = ml.make_gemm(gemm, tuned=True)
+    eg.gemm1(x if eg.fuses_pack else packed, meta, w, out1)
+    eg.gemm2(torch.empty(R, I, dtype=x.dtype), meta, w, torch.empty(R, x.shape[1], dtype=x.dtype))
+    assert [c[0] for c in fake.calls] == ["gemm_act" if eg.fuses_act else "gemm", "gemm"]
+    assert all(c[1]["tuned"] is True and c[1].get("config") is None for c in fake.calls)
+
+
+def test_a_pinned_config_is_unsupported_off_hopper(monkeypatch):
+    monkeypatch.setattr(ml.QuackGemm, "_interface", lambda self: _FakeQuack())
+    monkeypatch.setattr(ml.QuackGemm, "_gemm_config", lambda self: object())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    eg = ml.make_gemm("quack_varlen", config="128x192_pp_c1x2")
+    with pytest.raises(ml.Unsupported, match="SM90 .*sm_100"):
+        eg.check(torch.device("cuda"), torch.bfloat16, "events", 64, 96)
+    ml.make_gemm("quack_varlen").check(torch.device("cuda"), torch.bfloat16, "events", 64, 96)  # unpinned: fine
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["bench.quack_config=fast"], "bench.quack_config='fast' is not accepted; accepted: null"),
+    (["bench.quack_config=128x256_pp_c1x2"],
+     "bench.quack_config='128x256_pp_c1x2' is not accepted: a pingpong 128-row tile needs tile_n a multiple of 16 up "
+     "to 208, not 256; accepted:"),
+    (["bench.quack_config=96x128_coop_c1x1"], "a cooperative tile_m must be 64, 128, 192, 256 or 320, not 96"),
+    (["bench.quack_config=128x192_pp_c4x4"], "at most 8 CTAs a cluster, not 4x4"),
+    (["bench.quack_config={tile_k:64}"], "unknown key(s) tile_k; accepted:"),
+    (["bench.quack_config={pingpong:1}"], "pingpong=1 must be true/false"),
+    (["bench.quack_config=7"], "bench.quack_config=7 is not accepted; accepted: null"),
+    (["bench.gemm=quack_gather", "bench.quack_config=128x192_pp_c1x2"],
+     "bench.quack_config='128x192_pp_c1x2' is not accepted: bench.gemm=quack_gather (gather-A) needs cluster_n=1"),
+    (["bench.gemm=quack_gated", "bench.quack_config=128x208_pp_c2x1"], "needs tile_n a multiple of 32 on SM90"),
+    (["bench.gemm=quack_varlen", "bench.quack_config=default", "bench.quack_tuned=true"],
+     "bench.quack_config='default' and bench.quack_tuned=true are mutually exclusive"),
+])
+def test_quack_config_errors_are_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg_of("shape=tiny", *overrides))
+    assert needle in str(e.value) and "\n" not in str(e.value)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from moebench import results
@@ -221,3 +222,34 @@ def test_capacity_strict_bytes_count_only_tokens_that_are_read(tmp_path):
     assert pack.bytes_strict == (read + min(rows, T * pack.topk)) * H * b
     assert comb.bytes_strict == (pack.kept_assignments + T) * H * b
     assert df.loc["total"].bytes_strict == pack.bytes_strict + comb.bytes_strict
+
+
+def test_rotated_calls_read_their_own_input_copies_and_restore_the_inputs():
+    from moebench.harness import STAGE_INPUTS, make_inputs, rotated_calls
+    from moebench.timing import ROTATE_BYTES, rotations
+
+    inp = make_inputs(resolve(cfg_of("shape=tiny", "tokens=64")))
+    orig = (inp.logits, inp.x, inp.meta)
+    seen = []
+    calls = rotated_calls(lambda: seen.append((inp.logits, inp.x, inp.meta)), inp, STAGE_INPUTS["pack"])
+    assert len(calls) == rotations(inp.x.numel() * inp.x.element_size()
+                                   + sum(t.numel() * t.element_size() for t in
+                                         (inp.meta.counts, inp.meta.offsets, inp.meta.gather_idx,
+                                          inp.meta.scatter_idx, inp.meta.weights, inp.meta.routed_counts)))
+    for c in calls:
+        c()
+    assert (inp.logits, inp.x, inp.meta) == orig  # restored after every call
+    xs = [x for _, x, _ in seen]
+    metas = [m for _, _, m in seen]
+    assert len({x.data_ptr() for x in xs} | {orig[1].data_ptr()}) == len(calls) + 1  # all distinct buffers
+    assert all(torch.equal(x, orig[1]) for x in xs)
+    assert all(torch.equal(m.gather_idx, orig[2].gather_idx) and m.gather_idx.data_ptr() != orig[2].gather_idx.data_ptr()
+               for m in metas)
+    assert all(lg is orig[0] for lg, _, _ in seen)  # pack does not read the logits: not copied
+    assert rotations(1) == 64 and rotations(ROTATE_BYTES) == 2 and rotations(ROTATE_BYTES // 4) == 4
+
+
+def test_rotated_timing_on_cpu_is_the_wall_clock(tmp_path):
+    df = run("timing=rotated", tmp=tmp_path)
+    assert (df.status == "ok").all(), df.message.tolist()
+    assert (df.timing_mode == "wall").all()

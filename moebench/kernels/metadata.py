@@ -11,13 +11,15 @@ CTA per tile:
 2. kept counts (``min(total, capacity)``) and their exclusive scan over the experts:
    the offsets (or ``e * capacity`` when padded); CTA 0 writes counts and offsets;
 3. rows no assignment fills get ``gather_idx = -1`` (the tail under a capacity, padding);
-4. the tile's tokens in chunks of one token per thread: a bit per (expert, token) in
-   shared memory gives each assignment its rank among the chunk's tokens of the same
-   expert (``popc`` of the lower bits), so its rank in the whole expert is
-   ``before-this-tile + before-this-chunk + in-chunk``, in token order like the
-   reference's stable sort. Under a capacity (``position`` policy) an assignment is kept
-   when that rank is below the capacity. Scatter and gather indices, and the weights
-   with the dropped slots zeroed (renormalised over the kept ones if asked), follow.
+4. the tile's tokens in chunks of one token per thread, their (token, slot) pairs spread
+   over all threads (consecutive pairs on consecutive threads): a bit per (expert, token)
+   in shared memory gives each assignment its rank among the chunk's tokens of the same
+   expert (``popc`` of the lower bits plus the counts of the words before), so its rank in
+   the whole expert is ``before-this-tile + before-this-chunk + in-chunk``, in token order
+   like the reference's stable sort. Under a capacity (``position`` policy) an assignment
+   is kept when that rank is below the capacity. Scatter and gather indices, and the
+   weights with the dropped slots zeroed (renormalised over the kept ones if asked),
+   follow.
 
 A token's ids must be distinct (every router guarantees it); -1 is an empty slot.
 """
@@ -75,10 +77,12 @@ class MetadataIndices:
         self.capacity, self.padded, self.renormalize = capacity, padded, renormalize
         self.threads = threads
         # phase 1 reads the histogram as vectors of `vec` experts, each column of vectors
-        # split over `parts` threads
+        # split over `parts` threads (at most 16: the sum over the parts stays short), each
+        # with `rows_per_batch` rows in flight
         self.vec = 4 if E % 4 == 0 else 1
-        self.parts = max(1, threads // (E // self.vec))
-        self.words = threads // 32  # bit words per expert per chunk (one bit per token)
+        self.parts = max(1, min(threads // (E // self.vec), 16))
+        self.rows_per_batch = 16
+        self.words = threads // 32  # bit words per expert per chunk (a chunk: one token per thread)
 
     @cute.jit
     def __call__(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
@@ -129,6 +133,19 @@ class MetadataIndices:
                 acc += sVal[e]
         cute.arch.sync_threads()
 
+    @cute.jit
+    def load_chunk_ids(self, mIds: cute.Tensor, c0: Int32, npairs: Int32, tidx: Int32, eid: cute.Tensor):
+        """The expert of this thread's (token, slot) pairs of the chunk starting at token c0:
+        pair ``a = tidx + i * threads`` is token ``c0 + a // S``, slot ``a % S`` (-1 past the end)."""
+        S, NT = self.S, self.threads
+        for i in cutlass.range_constexpr(S):
+            a = tidx + i * NT
+            e = Int32(-1)
+            if a < npairs:
+                tl = a // S
+                e = mIds[c0 + tl, a - tl * S]
+            eid[i] = e
+
     @cute.kernel
     def kernel(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
                mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
@@ -146,40 +163,49 @@ class MetadataIndices:
         sKept = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
         sOff = smem.allocate_tensor(Int32, cute.make_layout(E + 1), byte_alignment=16)
         sWarp = smem.allocate_tensor(Int32, cute.make_layout(32), byte_alignment=16)
-        sBits = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)
+        sBits = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)  # [word, expert]
         sPfx = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)
         sCnt = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
+        if const_expr(self.capacity):
+            sRow = smem.allocate_tensor(Int32, cute.make_layout(NT * S), byte_alignment=16)
 
         # the first chunk's ids, loaded now so their latency hides behind phase 1
         t0 = bidx * tile
         t_end = cutlass.min(t0 + tile, T)
         eid = cute.make_rmem_tensor((S,), Int32)
-        if t0 + tidx < t_end:
-            for j in cutlass.range_constexpr(S):
-                eid[j] = mIds[t0 + tidx, j]
+        self.load_chunk_ids(mIds, t0, (cutlass.min(t_end, t0 + NT) - t0) * S, tidx, eid)
 
         # 1. per expert: total over all tiles, and over the tiles before this one. The
         #    [tiles, E] histogram is read as 16-byte vectors of VEC experts, each vector
-        #    column split over P threads, 16 loads in flight per thread (L2 latency bound)
-        VEC, NQ = self.vec, E // self.vec
+        #    column split over P threads; a thread issues its rows in batches of RB loads
+        #    with no branch between them (the row index clamped, the value masked after)
+        VEC, NQ, RB = self.vec, E // self.vec, self.rows_per_batch
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=32 * VEC)
-        frag = cute.make_rmem_tensor((VEC,), Int32)
-        acc = cute.make_rmem_tensor((VEC,), Int32)
+        frag = cute.make_rmem_tensor((VEC, RB), Int32)
+        aPre = cute.make_rmem_tensor((VEC,), Int32)
+        aTot = cute.make_rmem_tensor((VEC,), Int32)
         for item in cutlass.range(tidx, NQ * P, NT, unroll=1):
             p = item // NQ
             q = item - p * NQ
-            acc.fill(0)
-            for b in cutlass.range(p, bidx, P, unroll=16):  # the tiles before this one
-                cute.copy(atom, cute.zipped_divide(mHist[b, None], (VEC,))[None, q], frag)
-                acc.store(acc.load() + frag.load())
-            for i in cutlass.range_constexpr(VEC):
-                sPre[p * E + q * VEC + i] = acc[i]
-            start = p + ((cutlass.max(bidx - p, 0) + P - 1) // P) * P
-            for b in cutlass.range(start, nb, P, unroll=16):  # this one and the rest
-                cute.copy(atom, cute.zipped_divide(mHist[b, None], (VEC,))[None, q], frag)
-                acc.store(acc.load() + frag.load())
-            for i in cutlass.range_constexpr(VEC):
-                sTot[p * E + q * VEC + i] = acc[i]
+            aPre.fill(0)
+            aTot.fill(0)
+            for b0 in cutlass.range(p, nb, P * RB, unroll=1):
+                for i in cutlass.range_constexpr(RB):
+                    b = cutlass.min(b0 + i * P, nb - 1)
+                    cute.copy(atom, cute.zipped_divide(mHist[b, None], (VEC,))[None, q], frag[None, i])
+                for i in cutlass.range_constexpr(RB):
+                    b = b0 + i * P
+                    for j in cutlass.range_constexpr(VEC):
+                        v = frag[j, i]
+                        if b >= nb:
+                            v = Int32(0)
+                        aTot[j] = aTot[j] + v
+                        if b >= bidx:
+                            v = Int32(0)
+                        aPre[j] = aPre[j] + v
+            for j in cutlass.range_constexpr(VEC):
+                sPre[p * E + q * VEC + j] = aPre[j]
+                sTot[p * E + q * VEC + j] = aTot[j]
         cute.arch.sync_threads()
         for e in cutlass.range(tidx, E, NT, unroll=1):
             tot = sTot[e]
@@ -218,57 +244,64 @@ class MetadataIndices:
             for r in cutlass.range(sOff[E] + bidx * NT + tidx, R, nb * NT, unroll=1):
                 mGather[r] = -1
 
-        # 4. the tile's tokens, one per thread per chunk
-        lane_bit = Int32(1) << (tidx % 32)
-        below = Int32(cute.arch.lanemask_lt())
-        wid = tidx // 32
+        # 4. the tile in chunks of NT tokens; the chunk's (token, slot) pairs spread over all
+        #    threads (S per thread, consecutive pairs on consecutive threads: the id reads and
+        #    the scatter writes are coalesced)
         for c0 in cutlass.range(t0, t_end, NT, unroll=1):
-            for i in cutlass.range(tidx, E * NW, NT, unroll=1):
+            ntok = cutlass.min(t_end - c0, NT)
+            npairs = ntok * S
+            nwa = (ntok + 31) // 32  # bit words in use per expert
+            if c0 != t0:
+                self.load_chunk_ids(mIds, c0, npairs, tidx, eid)
+            for i in cutlass.range(tidx, E * nwa, NT, unroll=1):
                 sBits[i] = 0
             cute.arch.sync_threads()
-            t = c0 + tidx
-            active = t < t_end
-            if active:
-                if c0 != t0:
-                    for j in cutlass.range_constexpr(S):
-                        eid[j] = mIds[t, j]
-                for j in cutlass.range_constexpr(S):
-                    e = eid[j]
-                    if e >= 0:
-                        cute.arch.atomic_or(sBits.iterator + (e * NW + wid), lane_bit, scope="cta")
+            for i in cutlass.range_constexpr(S):  # a bit per (expert, token)
+                tl = (tidx + i * NT) // S
+                if eid[i] >= 0:
+                    cute.arch.atomic_or(sBits.iterator + ((tl // 32) * E + eid[i]), Int32(1) << (tl % 32), scope="cta")
             cute.arch.sync_threads()
-            for e in cutlass.range(tidx, E, NT, unroll=1):
+            for e in cutlass.range(tidx, E, NT, unroll=1):  # tokens of e in the words before each word
                 run = Int32(0)
-                for w in cutlass.range_constexpr(NW):
-                    sPfx[e * NW + w] = run
-                    run += cute.arch.popc(sBits[e * NW + w])
+                for w in cutlass.range(nwa, unroll=1):
+                    sPfx[w * E + e] = run
+                    run += cute.arch.popc(sBits[w * E + e])
                 sCnt[e] = run
             cute.arch.sync_threads()
-            if active:
-                rows = cute.make_rmem_tensor((S,), Int32)
-                kept_sum = Float32(0.0)
-                for j in cutlass.range_constexpr(S):
-                    e = eid[j]
+            for i in cutlass.range_constexpr(S):
+                a = tidx + i * NT
+                if a < npairs:
+                    tl = a // S
+                    t = c0 + tl
+                    e = eid[i]
                     row = Int32(-1)
                     if e >= 0:
-                        word = sBits[e * NW + wid]
-                        rank = sPre[e] + sPfx[e * NW + wid] + cute.arch.popc(word & below)
+                        w = tl // 32
+                        below = (Int32(1) << (tl % 32)) - 1
+                        rank = sPre[e] + sPfx[w * E + e] + cute.arch.popc(sBits[w * E + e] & below)
                         if const_expr(self.capacity):
                             if rank < cap:
                                 row = sOff[e] + rank
                         else:
                             row = sOff[e] + rank
-                    rows[j] = row
-                    mScatter[t, j] = row
+                    mScatter[t, a - tl * S] = row
                     if row >= 0:
                         mGather[row] = t
-                        if const_expr(self.renormalize):
-                            kept_sum += mWeights[t, j]
-                if const_expr(self.capacity):
+                    if const_expr(self.capacity):
+                        sRow[a] = row
+            if const_expr(self.capacity):  # the kept weights, a token per thread
+                cute.arch.sync_threads()
+                if tidx < ntok:
+                    t = c0 + tidx
+                    kept_sum = Float32(0.0)
+                    if const_expr(self.renormalize):
+                        for j in cutlass.range_constexpr(S):
+                            if sRow[tidx * S + j] >= 0:
+                                kept_sum += mWeights[t, j]
                     den = cute.arch.fmax(kept_sum, Float32(1e-20))
                     for j in cutlass.range_constexpr(S):
                         w = Float32(0.0)
-                        if rows[j] >= 0:
+                        if sRow[tidx * S + j] >= 0:
                             w = mWeights[t, j]
                             if const_expr(self.renormalize):
                                 w = w / den

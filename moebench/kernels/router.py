@@ -83,16 +83,17 @@ class LaneLayout:
     W: int
 
     @classmethod
-    def make(cls, E: int, elem_bytes: int, group_size: int = 0) -> "LaneLayout":
-        """The fewest experts per lane that fit ``MAX_PER_LANE`` (fewer shuffles per slot),
+    def make(cls, E: int, elem_bytes: int, group_size: int = 0, max_per_lane: int = MAX_PER_LANE) -> "LaneLayout":
+        """The fewest experts per lane that fit ``max_per_lane`` (fewer shuffles per slot),
         or, with ``group_size`` (group-limited routers), whole groups per lane."""
         assert 1 <= E <= MAX_EXPERTS
+        max_per_lane = max(max_per_lane, -(-E // 32))  # at most a warp per token
         if group_size:
-            per_lane = group_size * max(1, MAX_PER_LANE // group_size)
+            per_lane = group_size * max(1, max_per_lane // group_size)
             G = _pow2_ceil(-(-E // per_lane))
             V = per_lane if G > 1 else E
         else:
-            G = _pow2_ceil(-(-E // MAX_PER_LANE))
+            G = _pow2_ceil(-(-E // max_per_lane))
             V = -(-E // G)
         assert G <= 32 and V <= MAX_PER_LANE
         # widest vector (up to 16 bytes) that divides both the row and each lane's share
@@ -111,7 +112,7 @@ class TopKRouter:
     def __init__(self, dtype, E: int, k: int, *, score: str = "logit", weight: str = "prob",
                  renormalize: bool = False, temperature: float = 1.0, scaling: float = 1.0,
                  has_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2_sum",
-                 threads: int = 512):
+                 threads: int = 512, max_per_lane: int = MAX_PER_LANE, prefetch: bool = True):
         assert score in SCORES and weight in WEIGHTS and group_score in GROUP_SCORES
         assert 1 <= k <= min(E, MAX_TOPK)
         self.dtype = dtype
@@ -122,7 +123,8 @@ class TopKRouter:
         self.grouped = n_group > 1
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         gs = E // n_group if self.grouped else 0
-        self.lanes = LaneLayout.make(E, dtype.width // 8, gs)
+        self.lanes = LaneLayout.make(E, dtype.width // 8, gs, max_per_lane)
+        self.prefetch = prefetch  # load the next token's row before selecting on this one
         self.group_size = gs
         self.groups_per_lane = self.lanes.V // gs if self.grouped else 0
         self.threads = max(threads, self.lanes.G)
@@ -182,6 +184,16 @@ class TopKRouter:
         return idx, w
 
     @cute.jit
+    def load_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, dst: cute.Tensor):
+        """This lane's experts of row ``t`` into ``dst`` (left as they are past ``t_end``)."""
+        W, V = self.lanes.W, self.lanes.V
+        if t < t_end:
+            gRow = cute.zipped_divide(mLogits[t, None], (W,))
+            for i in cutlass.range_constexpr(V // W):
+                if base + i * W < self.E:
+                    cute.copy(atom, gRow[None, base // W + i], dst[None, i])
+
+    @cute.jit
     def select_keyed(self, keys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
         """Keyed selection (16-bit logits; keys are unique): the largest key over the group,
         among those ``< below`` after the first slot. That max is taken as a min of
@@ -217,6 +229,8 @@ class TopKRouter:
 
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
         raw = cute.make_rmem_tensor((W, V // W), self.dtype)
+        if const_expr(self.prefetch):
+            nxt = cute.make_rmem_tensor((W, V // W), self.dtype)
         x = cute.make_rmem_tensor((W, V // W), Float32)  # flat index v = expert base + v
         sel = cute.make_rmem_tensor((V,), Float32)
         src = cute.make_rmem_tensor((V,), Float32)
@@ -234,15 +248,17 @@ class TopKRouter:
         t_end = cutlass.min(t0 + tile, T)
         # every group of the CTA runs the same number of steps (the shuffles need whole
         # warps); a group past the tile's end computes on stale registers and writes nothing
+        if const_expr(self.prefetch):
+            self.load_row(mLogits, t0 + tidx // G, t_end, base, atom, nxt)
         for r in cutlass.range(cute.ceil_div(tile, groups), unroll=1):
             t = t0 + r * groups + tidx // G
             active = t < t_end
             # -- load this lane's experts of row t as fp32 (NaN past E) -----------------------
-            if active:
-                gRow = cute.zipped_divide(mLogits[t, None], (W,))
-                for i in cutlass.range_constexpr(V // W):
-                    if base + i * W < E:
-                        cute.copy(atom, gRow[None, base // W + i], raw[None, i])
+            if const_expr(self.prefetch):
+                raw.store(nxt.load())
+                self.load_row(mLogits, t + groups, t_end, base, atom, nxt)
+            else:
+                self.load_row(mLogits, t, t_end, base, atom, raw)
             x.store(raw.load().to(Float32))
             for v in cutlass.range_constexpr(V):
                 if base + v >= E:

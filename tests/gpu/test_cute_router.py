@@ -80,6 +80,19 @@ def test_route_any_E_and_dtype(E, k, dtype):
     _check_route(_logits("uniform", 1537, E, dtype, seed=E), k, ROUTERS["softmax_topk"])
 
 
+@pytest.mark.parametrize("static", [dict(prefetch=False), dict(max_per_lane=16, threads=1024),
+                                    dict(max_per_lane=8, threads=256, prefetch=False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_route_kernel_layouts_agree(static, dtype):
+    """The router kernel's other lane layouts / no prefetch (bench variants) select the same."""
+    from moebench.kernels import router as kr
+    lg = _logits("zipf", 4097, 256, dtype, seed=5, ties=True)
+    ids, w, _, _ = kr.route(lg, 8, **static)
+    rids, rw = R.route(lg, 8, ROUTERS["softmax_topk"])
+    assert torch.equal(ids.long(), rids.long())
+    assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["softmax_topk", "topk_hard", "sigmoid_nobias", "group_limited_v3"])
 def test_route_ties_break_toward_lower_index(name):
     router = ROUTERS[name]

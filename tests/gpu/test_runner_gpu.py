@@ -15,7 +15,7 @@ def _run(tmp_path, *overrides):
     return run_job(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["events", "graph"])
+@pytest.mark.parametrize("mode", ["events", "graph", "rotated"])
 def test_routing_bench_on_gpu(tmp_path, mode):
     df = _run(tmp_path, f"timing={mode}")
     assert (df.status == "ok").all(), df.message.tolist()
