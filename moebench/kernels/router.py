@@ -54,7 +54,6 @@ WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one")
 GROUP_SCORES = ("top2_sum", "max")
 
 _LOG2E = math.log2(math.e)
-_INT32_MIN = -(2**31)
 
 
 def _add(a, b):
@@ -194,19 +193,25 @@ class TopKRouter:
                     cute.copy(atom, gRow[None, base // W + i], dst[None, i])
 
     @cute.jit
-    def select_keyed(self, keys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
-        """Keyed selection (16-bit logits; keys are unique): the largest key over the group,
-        among those ``< below`` after the first slot. That max is taken as a min of
-        ``c - key`` with ``c = below - 1 + 2**31`` in wrapping int32, which orders keys
-        ``< below`` first and the taken ones (``>= below``) last, so nothing is marked
-        and each expert costs two instructions per slot."""
+    def select_keyed(self, nkeys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
+        """Keyed selection (16-bit logits; keys are unique, held negated: ``nkeys = -key``,
+        INT32_MAX past E): the largest key over the group, among those ``< below`` after the
+        first slot. The first is ``-min(nkeys)``; then the max is ``c - min(c - key)`` with
+        ``c = below - 1 + 2**31`` in wrapping int32, which orders keys ``< below`` first and
+        the taken ones (``>= below``, and those past E) last, so nothing is marked. As
+        ``c - key = nkey + c``, a slot costs one fused add-min per expert (four independent
+        chains)."""
+        V = self.lanes.V
         m = below
         if const_expr(first):
-            m = self.group_reduce(cutlass.max, _tree(cutlass.max, [keys[v] for v in range(self.lanes.V)]))
+            m = Int32(0) - self.group_reduce(cutlass.min, _tree(cutlass.min, [nkeys[v] for v in range(V)]))
         else:
             c = below + Int32(2**31 - 1)
-            d = self.group_reduce(cutlass.min, _tree(cutlass.min, [c - keys[v] for v in range(self.lanes.V)]))
-            m = c - d
+            nc = min(4, V)
+            acc = [nkeys[v] + c for v in range(nc)]
+            for v in cutlass.range_constexpr(nc, V):
+                acc[v % nc] = cutlass.min(acc[v % nc], nkeys[v] + c)
+            m = c - self.group_reduce(cutlass.min, _tree(cutlass.min, acc))
         return m
 
     @cute.kernel
@@ -310,7 +315,8 @@ class TopKRouter:
             if const_expr(self.keyed):
                 # key = order-preserving int of the logit (its fp32 bits, -0 as +0, the
                 # always-zero low bits dropped) << index_bits | (2**index_bits - 1 - expert):
-                # the largest key is the largest logit, the lowest expert among equal ones
+                # the largest key is the largest logit, the lowest expert among equal ones.
+                # `keys` holds them negated (see select_keyed)
                 ib, db = self.index_bits, self.drop_bits
                 mask = (1 << ib) - 1
                 xi = cute.recast_tensor(x, Int32)
@@ -318,9 +324,9 @@ class TopKRouter:
                     x[v] = x[v] + Float32(0.0)
                     b = xi[v]
                     o = b ^ ((b >> 31) & Int32(0x7FFFFFFF))
-                    keys[v] = ((o >> db) << ib) | (mask - (base + v))
+                    keys[v] = ((Int32(0) - (o >> db)) << ib) - (mask - (base + v))  # -key
                     if base + v >= E:
-                        keys[v] = Int32(_INT32_MIN)
+                        keys[v] = Int32(2**31 - 1)
                 key = Int32(0)
                 for j in cutlass.range_constexpr(k):
                     key = self.select_keyed(keys, key, j == 0)
