@@ -216,8 +216,6 @@ class Harness:
                 im.check_device(dev)
 
             def fn():
-                if r_im is m_im:  # one impl for both: its own logits -> metadata path
-                    return r_im.route_metadata(inp.logits, k, job.router, inp.bias, E, job.capacity, inp.num_rows)[2]
                 ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
                 return m_im.metadata(ids, w, E, job.capacity, inp.num_rows)
 

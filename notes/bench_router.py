@@ -23,7 +23,6 @@ import torch
 
 from moebench import routing as R
 from moebench.check import check_metadata
-from moebench.impls.cute_impl import CuteImpl
 from moebench.kernels import metadata as km
 from moebench.kernels import router as kr
 from moebench.logits import make_logits
@@ -55,8 +54,7 @@ def profile(fn, n=20):
     per = {}
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = ("both" if "RouteMetadata" in e.key else "route" if "Router" in e.key
-                    else "meta" if "Metadata" in e.key else e.key[:24])
+            name = "route" if "Router" in e.key else "meta" if "Metadata" in e.key else e.key[:24]
             per[name] = e.device_time_total / max(e.count, 1)
     return per
 
@@ -98,31 +96,17 @@ def main():
                 row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             print(json.dumps(row), flush=True)
             rows.append(row)
-        row = dict(T=T, E=E, k=k, route="one-launch", nrot=nrot)  # impl=cute's route_metadata
-        try:
-            im = CuteImpl()
-            ids, w, meta = im.route_metadata(lgs[0], k, router, None, E, cap)
-            assert torch.equal(ids, rids.to(torch.int32)), "ids differ from the reference"
-            check_metadata(meta, ref)
-            row["rot_us"] = timer.time(None, rotated=lambda: [
-                lambda i=i: im.route_metadata(lgs[i], k, router, None, E, cap) for i in range(nrot)]).median_us
-            row.update({f"prof_{n}": v for n, v in profile(lambda: im.route_metadata(lgs[0], k, router, None, E, cap)).items()})
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        print(json.dumps(row), flush=True)
-        rows.append(row)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "bench_router.json"), "w") as f:
             json.dump(rows, f, indent=1)
     print(f"card: {torch.cuda.get_device_name()}")
     print(f"{'T':>6} {'E':>4} {'k':>2} {'route':>10} {'route rot':>9} {'both rot':>8} "
-          f"{'route prof':>10} {'meta prof':>9} {'one prof':>8}  status")
+          f"{'route prof':>10} {'meta prof':>9}  status")
     for r in rows:
         f = lambda key: f"{r[key]:.1f}" if key in r else "-"  # noqa: E731
         print(f"{r['T']:>6} {r['E']:>4} {r['k']:>2} {r['route']:>10} {f('route_rot_us'):>9} "
-              f"{f('rot_us'):>8} {f('prof_route'):>10} {f('prof_meta'):>9} {f('prof_both'):>8}  {r['status'][:60]}")
+              f"{f('rot_us'):>8} {f('prof_route'):>10} {f('prof_meta'):>9}  {r['status'][:60]}")
 
 
 if __name__ == "__main__":

@@ -50,16 +50,6 @@ def test_metadata_kernels_compile(E, S, capacity, padded, renorm):
     assert km.compile_histogram(E, S) is not None
 
 
-@pytest.mark.parametrize("case,capacity,padded,renorm", [
-    (0, False, False, False), (6, True, False, True), (7, True, True, False), (5, False, False, False)])
-def test_route_metadata_kernel_compiles(case, capacity, padded, renorm):
-    from moebench.kernels import route_metadata as krm
-    router, E, k, bias = ROUTER_CASES[case]
-    static = router_static(router, k, E, bias)
-    assert krm.compile_route_metadata(BF16, E, k, capacity, padded, renorm,
-                                      **dict(static, has_bias=static.get("has_bias", False))) is not None
-
-
 @pytest.mark.parametrize("E", [1, 7, 8, 60, 64, 100, 128, 160, 256, 384, 512, 1000, 1024])
 @pytest.mark.parametrize("elem_bytes", [2, 4])
 def test_lane_layout_covers_the_experts(E, elem_bytes):

@@ -54,13 +54,6 @@ class Impl:
                  num_rows: int | None = None) -> RoutingMetadata:
         raise self.missing("metadata")
 
-    def route_metadata(self, logits: torch.Tensor, k: int, router: RouterSpec, bias: torch.Tensor | None,
-                       num_experts: int, capacity: CapacitySpec, num_rows: int | None = None):
-        """logits -> (ids, weights, metadata): route, then metadata on its ids. An impl that
-        can do both at once (impl=cute: one launch) overrides it."""
-        ids, weights = self.route(logits, k, router, bias)
-        return ids, weights, self.metadata(ids, weights, num_experts, capacity, num_rows)
-
     def pack(self, x: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         raise self.missing("pack")
 

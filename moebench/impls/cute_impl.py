@@ -7,7 +7,6 @@ What runs
   ``topk_softmax``, ``topk_hard``, ``sigmoid_bias`` and ``group_limited``; any E <= 1024,
   k <= 16. It also writes the per-tile expert histogram, which travels with the ids it
   returns, so ``metadata`` on those ids is one more launch: logits to full metadata in two.
-  ``route_metadata`` does both in one cooperative launch (``kernels/route_metadata.py``).
 * ``metadata`` (``kernels/metadata.py``): counts, offsets, gather and scatter indices
   without a sort or a host sync, dropless or with a capacity (``position`` policy,
   padded or not, renormalised or not); from ids of another route it first computes the
@@ -160,8 +159,7 @@ class CuteImpl(Impl):
         return self.pack_mode
 
     # -- stages ----------------------------------------------------------------------------
-    def _route_static(self, logits, k, router, bias):
-        """The checks of a route, its TopKRouter options and its slot count."""
+    def route(self, logits, k, router, bias=None, out=None):
         self.check_device(logits.device)
         if logits.dtype not in DTYPES:
             raise Unsupported(f"impl=cute routes bfloat16/float16/float32 logits, not {logits.dtype}")
@@ -169,23 +167,8 @@ class CuteImpl(Impl):
         if T > INT32_MAX:
             raise Unsupported(f"T={T} tokens; int32 indices hold at most {INT32_MAX}")
         static = router_static(router, k, E, bias is not None)
-        return static, 1 if router.name == "top1" else k
-
-    def _metadata_sizes(self, T, S, E, capacity: CapacitySpec, num_rows):
-        """The checks of a metadata stage, its capacity per expert and its packed row count."""
-        if capacity.drop_policy != "position" and not capacity.dropless:
-            raise Unsupported(f"capacity.drop_policy={capacity.drop_policy}: impl=cute drops by position only "
-                              "(the probs policy needs a per-expert sort by weight)")
-        if T * S > INT32_MAX:
-            raise Unsupported(f"T*S={T * S} assignments; int32 indices hold at most {INT32_MAX}")
-        cap = capacity.capacity(T, S, E)
-        R = capacity.packed_rows(T, S, E, num_rows)
-        if R > INT32_MAX:
-            raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
-        return cap, R
-
-    def route(self, logits, k, router, bias=None, out=None):
-        static, k = self._route_static(logits, k, router, bias)
+        if router.name == "top1":
+            k = 1
         krouter, _ = _routing_kernels()
         ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static)
         setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
@@ -195,7 +178,15 @@ class CuteImpl(Impl):
         self.check_device(ids.device)
         T, S = ids.shape
         E = num_experts
-        cap, R = self._metadata_sizes(T, S, E, capacity, num_rows)
+        if capacity.drop_policy != "position" and not capacity.dropless:
+            raise Unsupported(f"capacity.drop_policy={capacity.drop_policy}: impl=cute drops by position only "
+                              "(the probs policy needs a per-expert sort by weight)")
+        if T * S > INT32_MAX:
+            raise Unsupported(f"T*S={T * S} assignments; int32 indices hold at most {INT32_MAX}")
+        cap = capacity.capacity(T, S, E)
+        R = capacity.packed_rows(T, S, E, num_rows)
+        if R > INT32_MAX:
+            raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
         _, kmeta = _routing_kernels()
         carried = getattr(ids, _HIST_ATTR, None)
         tile = kmeta.tile_size(T)
@@ -210,25 +201,6 @@ class CuteImpl(Impl):
         return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather, scatter_idx=scatter,
                                weights=kept_w, routed_counts=routed, capacity=cap,
                                padded=capacity.pad_to_capacity and cap is not None)
-
-    def route_metadata(self, logits, k, router, bias, num_experts, capacity: CapacitySpec, num_rows=None):
-        """Logits to ids, weights and metadata in one cooperative launch (the route of a tile,
-        a grid barrier, the metadata of the tile: ``kernels/route_metadata.py``) when the
-        tiles fit the GPU at one per SM; otherwise the same two kernels as route + metadata."""
-        static, k = self._route_static(logits, k, router, bias)
-        T, E = logits.shape
-        if num_experts != E:
-            raise ValueError(f"num_experts={num_experts} but the logits have {E} experts")
-        cap, R = self._metadata_sizes(T, k, E, capacity, num_rows)
-        _, kmeta = _routing_kernels()
-        from moebench.kernels import route_metadata as krm
-        if T == 0 or kmeta.num_tiles(T, kmeta.tile_size(T)) > krm.max_tiles(logits.device):
-            return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)
-        ids, w, counts, offsets, routed, gather, scatter, kept_w = krm.route_metadata(
-            logits, k, bias, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, **static)
-        return ids, w, RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather,
-                                       scatter_idx=scatter, weights=kept_w, routed_counts=routed, capacity=cap,
-                                       padded=capacity.pad_to_capacity and cap is not None)
 
     def pack(self, x, meta, out=None):
         self._check_rows(x, "x")

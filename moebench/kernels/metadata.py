@@ -150,14 +150,6 @@ class MetadataIndices:
     def kernel(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
                mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
                mKeptW: cute.Tensor, tile: Int32, cap: Int32):
-        self.tile_indices(cutlass.memory.SmemAllocator(), mIds, mWeights, mHist, mCounts, mOffsets, mRouted, mGather,
-                          mScatter, mKeptW, tile, cap)
-
-    @cute.jit
-    def tile_indices(self, smem, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
-                     mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
-                     mKeptW: cute.Tensor, tile: Int32, cap: Int32):
-        """This CTA's tile (phases 1-4 of the module doc; shared memory from ``smem``)."""
         E, S, NT, P, NW = self.E, self.S, self.threads, self.parts, self.words
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
@@ -165,6 +157,7 @@ class MetadataIndices:
         T = mIds.shape[0]
         R = mGather.shape[0]
 
+        smem = cutlass.memory.SmemAllocator()
         sTot = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
         sPre = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
         sKept = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)

@@ -217,12 +217,6 @@ class TopKRouter:
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
                mHist: cute.Tensor, tile: Int32):
-        self.route_tile(cutlass.memory.SmemAllocator(), mLogits, mBias, mIds, mWeights, mHist, tile)
-
-    @cute.jit
-    def route_tile(self, smem, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
-                   mHist: cute.Tensor, tile: Int32):
-        """This CTA's tile: ids, weights, and its histogram row (shared memory from ``smem``)."""
         L = self.lanes
         E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
         tidx, _, _ = cute.arch.thread_idx()
@@ -232,6 +226,7 @@ class TopKRouter:
         g = tidx % G
         base = g * V  # this lane's first expert
 
+        smem = cutlass.memory.SmemAllocator()
         sHist = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
         for e in cutlass.range(tidx, E, self.threads, unroll=1):
             sHist[e] = 0
@@ -439,24 +434,6 @@ def compile_router(dtype, E: int, k: int, **static):
 _zero_bias: dict = {}
 
 
-def aligned_logits(logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` as the kernel reads them: contiguous, the base 16-byte aligned (copied if not)."""
-    if not logits.is_contiguous() or logits.data_ptr() % VEC_BYTES:
-        return logits.contiguous() if not logits.is_contiguous() else logits.clone()
-    return logits
-
-
-def bias_vector(bias: torch.Tensor | None, E: int, device) -> torch.Tensor:
-    """The fp32 bias the kernel reads: ``bias``, or a cached zero vector when there is none
-    (``has_bias=False`` compiles it out; no allocation or memset per call)."""
-    if bias is not None:
-        return bias.to(torch.float32).contiguous()
-    zero = _zero_bias.get((device, E))
-    if zero is None:
-        zero = _zero_bias[(device, E)] = torch.zeros(E, dtype=torch.float32, device=device)
-    return zero
-
-
 def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
     """ids [T, k] int32, weights [T, k] fp32, hist [tiles, E] int32 and the tile size.
 
@@ -464,7 +441,8 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     checked the combination, see ``moebench.impls.cute_impl``)."""
     T, E = logits.shape
     dev = logits.device
-    logits = aligned_logits(logits)
+    if not logits.is_contiguous() or logits.data_ptr() % VEC_BYTES:
+        logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
     ids, weights = out if out is not None else (None, None)
     def usable(t, dtype):  # a given output buffer is written in place only when it fits exactly
         return t is not None and t.is_contiguous() and t.dtype == dtype and tuple(t.shape) == (T, k) and t.device == dev
@@ -477,6 +455,13 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     hist = torch.empty(num_tiles(T, tile), E, dtype=torch.int32, device=dev)
     if T == 0:
         return ids, weights, hist.zero_(), tile
-    fn = compile_router(TORCH_TO_CUTE[logits.dtype], E, k, **dict(static, has_bias=bias is not None))
-    fn(logits, bias_vector(bias, E, dev), ids, weights, hist, tile)
+    has_bias = bias is not None
+    if bias is None:
+        bias = _zero_bias.get((dev, E))
+        if bias is None:
+            bias = _zero_bias[(dev, E)] = torch.zeros(E, dtype=torch.float32, device=dev)
+    else:
+        bias = bias.to(torch.float32).contiguous()
+    fn = compile_router(TORCH_TO_CUTE[logits.dtype], E, k, **dict(static, has_bias=has_bias))
+    fn(logits, bias, ids, weights, hist, tile)
     return ids, weights, hist, tile

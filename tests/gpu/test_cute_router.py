@@ -182,55 +182,6 @@ def test_route_then_metadata_is_two_launches_and_graph_capturable(monkeypatch):
     check_metadata(meta, R.build_metadata(rids, rw, E, DROPLESS))
 
 
-@pytest.mark.parametrize("cap", ["dropless", "cf1.25_renorm", "cf0.5_padded"])
-@pytest.mark.parametrize("name,T,E,k,logits", [
-    ("softmax_topk", 16384, 256, 8, "uniform"), ("softmax_topk", 131072, 128, 8, "zipf"),
-    ("softmax_topk", 5000, 60, 4, "hot"), ("softmax_topk", 1, 8, 2, "uniform"),
-    ("topk_hard", 3000, 1024, 16, "zipf"), ("sigmoid_bias", 4097, 384, 8, "uniform"),
-    ("group_limited_v3", 2048, 256, 8, "hot")])
-def test_route_metadata_in_one_launch_matches_reference(name, T, E, k, logits, cap):
-    router = ROUTERS[name]
-    lg = _logits(logits, T, E, seed=T + k)
-    bias = router.expert_bias(E, "cuda", seed=3)
-    ids, w, meta = CuteImpl().route_metadata(lg, k, router, bias, E, CAPS[cap])
-    rids, rw = R.route(lg, k, router, bias)
-    assert torch.equal(ids.long(), rids.long())
-    assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
-    check_metadata(meta, R.build_metadata(rids, rw, E, CAPS[cap]))
-
-
-def test_route_metadata_is_one_launch_and_replays_in_a_graph(monkeypatch):
-    """One kernel; its grid barrier's state is reused launch after launch and replay after replay."""
-    monkeypatch.undo()  # no poisoning fills: count the kernels alone
-    T, E, k = 16384, 256, 8
-    lgs = [_logits("uniform", T, E, seed=s) for s in range(3)]
-    im = CuteImpl()
-    im.route_metadata(lgs[0], k, R.RouterSpec(), None, E, DROPLESS)  # compile outside
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        im.route_metadata(lgs[0], k, R.RouterSpec(), None, E, DROPLESS)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == 1, [e.name for e in kernels]
-    src = lgs[0].clone()
-    g = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(g):
-            _, _, meta = im.route_metadata(src, k, R.RouterSpec(), None, E, DROPLESS)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for lg in lgs + lgs[::-1]:
-        src.copy_(lg)
-        for o in (meta.counts, meta.offsets, meta.gather_idx, meta.scatter_idx):
-            o.fill_(-7)
-        g.replay()
-        rids, rw = R.route(lg, k, R.RouterSpec())
-        check_metadata(meta, R.build_metadata(rids, rw, E, DROPLESS))
-        _, _, eager = im.route_metadata(lg, k, R.RouterSpec(), None, E, DROPLESS)  # eager launches in between
-        check_metadata(eager, R.build_metadata(rids, rw, E, DROPLESS))
-
-
 def test_unsupported_reasons():
     im = CuteImpl()
     lg = _logits("uniform", 8, 64)
