@@ -40,7 +40,7 @@ def chain(lg, k, rv, fn_idx, outs):
     """route + metadata into preallocated outputs (graph-capturable)."""
     ids, w, hist, tile = kr.route(lg, k, **rv)
     counts, offsets, routed, gather, scatter = outs
-    fn_idx(ids, w, hist, counts, offsets, routed, gather, scatter, w, tile, 0)
+    fn_idx(ids, w, hist.view(torch.int32), counts, offsets, routed, gather, scatter, w, tile, 0)
     return ids, w, counts, offsets, routed, gather, scatter
 
 

@@ -66,12 +66,40 @@ def test_lane_layout_keeps_groups_whole(E, n_group):
     assert L.V % gs == 0 and L.G * L.V >= E
 
 
-@pytest.mark.parametrize("T", [1, 31, 32, 33, 4096, 16384, 16385, 131072, 10**6])
+@pytest.mark.parametrize("T", [1, 31, 32, 33, 4096, 16384, 16385, 131072, 10**6, 3 * 10**6, 10**8])
 def test_tiles_cover_the_tokens(T):
     tile = km.tile_size(T)
     n = km.num_tiles(T, tile)
     assert tile % 32 == 0 and n * tile >= T and (n - 1) * tile < T
-    assert n <= km.TARGET_TILES
+    assert tile <= km.MAX_TILE < 2**15  # a tile's count of one expert fits the int16 histogram
+    assert n <= km.TARGET_TILES or tile == km.MAX_TILE
+
+
+@pytest.mark.parametrize("E", [1, 7, 8, 60, 256, 1000, 1024])
+def test_hist_rows_are_whole_16_byte_vectors(E):
+    cols = km.hist_cols(E)
+    assert cols >= E and cols % 8 == 0 and cols - E < 8
+
+
+@pytest.mark.parametrize("E,S,capacity", [(256, 8, False), (1024, 16, False), (1024, 16, True), (512, 16, True),
+                                          (8, 2, False), (60, 4, True)])
+def test_metadata_static_choices(E, S, capacity):
+    """Sorted gather writes where E >= 32 and shared memory allows; overlap at S < 4."""
+    m = km.MetadataIndices(E, S, capacity=capacity)
+    assert m.overlap == (S < 4)
+    if E < 32:
+        assert not m.sorted_gather
+    if E == 256:
+        assert m.sorted_gather
+    if E == 1024 and S == 16:
+        assert not m.sorted_gather  # bits, prefixes and the sorted rows would not fit
+    with pytest.raises(AssertionError):
+        km.MetadataIndices(1024, 16, sorted_gather=True)
+
+
+@pytest.mark.parametrize("sorted_gather,overlap", [(True, True), (False, False)])
+def test_metadata_variants_compile(sorted_gather, overlap):
+    assert km.compile_indices(256, 8, True, True, True, sorted_gather=sorted_gather, overlap=overlap) is not None
 
 
 def test_router_mapping_and_unsupported_reasons():

@@ -190,7 +190,8 @@ class CuteImpl(Impl):
         _, kmeta = _routing_kernels()
         carried = getattr(ids, _HIST_ATTR, None)
         tile = kmeta.tile_size(T)
-        if carried is not None and carried[1] == tile and carried[2] == ids._version and carried[0].shape[1] == E:
+        if (carried is not None and carried[1] == tile and carried[2] == ids._version
+                and carried[0].shape[1] == kmeta.hist_cols(E)):
             hist = carried[0]  # the route kernel's by-product: no histogram launch
         else:
             ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()

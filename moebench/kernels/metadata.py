@@ -2,12 +2,13 @@
 (``routing.build_metadata``), without a device-wide sort and without a host sync.
 
 The tokens are cut into *tiles* (``tile`` tokens, a runtime value, at most ~128 tiles);
-``hist[b, e]`` counts the assignments of tile ``b`` to expert ``e``. The router kernel
-writes it as a by-product (``moebench.kernels.router``); :class:`ExpertHistogram` computes
-it from ids that came from elsewhere. Then one launch of :class:`MetadataIndices`, one
-CTA per tile:
+``hist[b, e]`` (int16, rows padded to ``hist_cols(E)``, a multiple of 8) counts the
+assignments of tile ``b`` to expert ``e``. The router kernel writes it as a by-product
+(``moebench.kernels.router``); :class:`ExpertHistogram` computes it from ids that came from
+elsewhere. Then one launch of :class:`MetadataIndices`, one CTA per tile:
 
-1. per expert, the total over all tiles and the sum over the tiles before this one;
+1. per expert, the total over all tiles and the sum over the tiles before this one (the
+   histogram read as 16-byte vectors, 8 experts each);
 2. kept counts (``min(total, capacity)``) and their exclusive scan over the experts:
    the offsets (or ``e * capacity`` when padded); CTA 0 writes counts and offsets;
 3. rows no assignment fills get ``gather_idx = -1`` (the tail under a capacity, padding);
@@ -17,9 +18,12 @@ CTA per tile:
    expert (``popc`` of the lower bits plus the counts of the words before), so its rank in
    the whole expert is ``before-this-tile + before-this-chunk + in-chunk``, in token order
    like the reference's stable sort. Under a capacity (``position`` policy) an assignment
-   is kept when that rank is below the capacity. Scatter and gather indices, and the
-   weights with the dropped slots zeroed (renormalised over the kept ones if asked),
-   follow.
+   is kept when that rank is below the capacity. Scatter indices are written per pair;
+   gather indices (for E >= 32) from shared memory in expert order, so consecutive threads
+   write consecutive rows of an expert; the weights with the dropped slots zeroed
+   (renormalised over the kept ones if asked) follow. The first chunk's bits are set and
+   counted between phases 1 and 2 (fewer barriers; with ``overlap``, while phase 1's first
+   loads are in flight).
 
 A token's ids must be distinct (every router guarantees it); -1 is an empty slot.
 """
@@ -30,11 +34,12 @@ import cuda.bindings.driver as cuda
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int16, Int32, const_expr
 
 
 class ExpertHistogram:
-    """ids [T, S] -> hist [tiles, E]: assignments of each tile of ``tile`` tokens per expert."""
+    """ids [T, S] -> hist [tiles, hist_cols(E)] int16: assignments of each tile of ``tile``
+    tokens per expert (the padding columns 0)."""
 
     def __init__(self, E: int, S: int, threads: int = 256):
         self.E, self.S, self.threads = E, S, threads
@@ -50,8 +55,8 @@ class ExpertHistogram:
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         smem = cutlass.memory.SmemAllocator()
-        sHist = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
-        for e in cutlass.range(tidx, E, self.threads, unroll=1):
+        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(E)), byte_alignment=16)
+        for e in cutlass.range(tidx, hist_cols(E), self.threads, unroll=1):
             sHist[e] = 0
         cute.arch.sync_threads()
         t0 = bidx * tile
@@ -62,8 +67,14 @@ class ExpertHistogram:
             if e >= 0:
                 cute.arch.atomic_add(sHist.iterator + e, Int32(1), scope="cta")
         cute.arch.sync_threads()
-        for e in cutlass.range(tidx, E, self.threads, unroll=1):
-            mHist[bidx, e] = sHist[e]
+        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
+
+
+@cute.jit
+def store_hist_row(mHist: cute.Tensor, b: Int32, sHist: cute.Tensor, tidx: Int32, threads: cutlass.Constexpr[int]):
+    """Row ``b`` of the int16 histogram from a CTA's int32 counts (all ``hist_cols`` of them)."""
+    for e in cutlass.range(tidx, mHist.shape[1], threads, unroll=1):
+        mHist[b, e] = sHist[e].to(Int16)
 
 
 class MetadataIndices:
@@ -71,66 +82,105 @@ class MetadataIndices:
     (and the kept weights under a capacity). One CTA per tile; see the module doc."""
 
     def __init__(self, E: int, S: int, *, capacity: bool = False, padded: bool = False,
-                 renormalize: bool = False, threads: int = 512):
+                 renormalize: bool = False, threads: int = 512, sorted_gather: bool | None = None,
+                 overlap: bool | None = None, parts: int = 16):
         assert threads % 32 == 0 and threads <= 1024
         self.E, self.S = E, S
         self.capacity, self.padded, self.renormalize = capacity, padded, renormalize
         self.threads = threads
-        # phase 1 reads the histogram as vectors of `vec` experts, each column of vectors
-        # split over `parts` threads (at most 16: the sum over the parts stays short), each
-        # with `rows_per_batch` rows in flight
-        self.vec = 4 if E % 4 == 0 else 1
-        self.parts = max(1, min(threads // (E // self.vec), 16))
-        self.rows_per_batch = 16
+        # phase 1 reads the int16 histogram as 16-byte vectors of 4 int32 words (8 experts),
+        # each column of vectors split over `parts` threads (at most 16: the sum over the
+        # parts stays short), each with `rows_per_batch` rows in flight (all its rows at
+        # about TARGET_TILES tiles)
+        self.cols = hist_cols(E)
+        self.parts = max(1, min(threads // (self.cols // 8), parts))
+        self.rows_per_batch = max(4, min(16, TARGET_TILES // self.parts))
+        # gather_idx written in expert order (runs of consecutive rows) from shared memory,
+        # not straight from each (token, slot): fewer, fuller L2 write sectors. It pays where
+        # a warp's 32 pairs hit many experts (E >= 32: measured on an H100) and
+        # needs 2 * threads * S more words of shared memory
+        words = (E * 2 * self.parts + 6 * E + 2 * E * (threads // 32) + (threads * S if capacity else 0))
+        fits = 4 * (words + 2 * threads * S + E) <= SORTED_GATHER_SMEM
+        self.sorted_gather = (E >= 32 and fits) if sorted_gather is None else sorted_gather
+        assert fits or not self.sorted_gather
+        # the first chunk's bits set while phase 1's first loads are in flight: pays at
+        # S = 2, costs at S = 8 (measured on an H100)
+        self.overlap = S < 4 if overlap is None else overlap
         self.words = threads // 32  # bit words per expert per chunk (a chunk: one token per thread)
 
     @cute.jit
-    def __call__(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
+    def __call__(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHistW: cute.Tensor, mCounts: cute.Tensor,
                  mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
                  mKeptW: cute.Tensor, tile: Int32, cap: Int32, stream: cuda.CUstream):
-        self.kernel(mIds, mWeights, mHist, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW, tile, cap).launch(
-            grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
+        self.kernel(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW, tile, cap).launch(
+            grid=[mHistW.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
-    def exclusive_scan(self, sVal: cute.Tensor, sOut: cute.Tensor, sWarp: cute.Tensor, tidx: Int32):
-        """sOut[e] = sum of sVal[:e] for e < E, sOut[E] = the total (all threads call)."""
+    def exclusive_scan(self, sVal: cute.Tensor, sOut: cute.Tensor, sWarp: cute.Tensor, tidx: Int32,
+                       sVal2: cute.Tensor = None, sOut2: cute.Tensor = None):
+        """sOut[e] = sum of sVal[:e] for e < E, sOut[E] = the total (all threads call; ends
+        synced). With sVal2 / sOut2, the same for a second array in the same passes."""
         E, NT = self.E, self.threads
+        two = sVal2 is not None
         per = (E + NT - 1) // NT  # contiguous values per thread
         lane = tidx % 32
         warp = tidx // 32
         run = Int32(0)
+        run2 = Int32(0)
         for i in cutlass.range_constexpr(per):
             e = tidx * per + i
             if e < E:
                 run += sVal[e]
+                if const_expr(two):
+                    run2 += sVal2[e]
         inc = run  # inclusive scan of the thread sums within the warp
+        inc2 = run2
         for s in cutlass.range_constexpr(5):
             o = cute.arch.shuffle_sync_up(inc, offset=1 << s)
+            o2 = Int32(0)
+            if const_expr(two):
+                o2 = cute.arch.shuffle_sync_up(inc2, offset=1 << s)
             if lane >= (1 << s):
                 inc += o
+                inc2 += o2
         if lane == 31:
             sWarp[warp] = inc
+            sWarp[32 + warp] = inc2
         cute.arch.sync_threads()
         if warp == 0:
             wv = Int32(0)
+            wv2 = Int32(0)
             if lane < NT // 32:
                 wv = sWarp[lane]
+                wv2 = sWarp[32 + lane]
             winc = wv
+            winc2 = wv2
             for s in cutlass.range_constexpr(5):
                 o = cute.arch.shuffle_sync_up(winc, offset=1 << s)
+                o2 = Int32(0)
+                if const_expr(two):
+                    o2 = cute.arch.shuffle_sync_up(winc2, offset=1 << s)
                 if lane >= (1 << s):
                     winc += o
+                    winc2 += o2
             if lane < NT // 32:
                 sWarp[lane] = winc - wv  # exclusive warp prefix
+                sWarp[32 + lane] = winc2 - wv2
             if lane == NT // 32 - 1:
                 sOut[E] = winc
+                if const_expr(two):
+                    sOut2[E] = winc2
         cute.arch.sync_threads()
         acc = sWarp[warp] + inc - run
+        acc2 = sWarp[32 + warp] + inc2 - run2
         for i in cutlass.range_constexpr(per):
             e = tidx * per + i
             if e < E:
                 sOut[e] = acc
                 acc += sVal[e]
+                if const_expr(two):
+                    sOut2[e] = acc2
+                    acc2 += sVal2[e]
         cute.arch.sync_threads()
 
     @cute.jit
@@ -146,14 +196,63 @@ class MetadataIndices:
                 e = mIds[c0 + tl, a - tl * S]
             eid[i] = e
 
+    @cute.jit
+    def load_hist_batch(self, mHistW: cute.Tensor, b0: Int32, q: Int32, nb: Int32, atom, frag: cute.Tensor):
+        """Rows ``b0, b0 + P, ...`` (RB of them, clamped to the last) of vector column q."""
+        for i in cutlass.range_constexpr(self.rows_per_batch):
+            b = cutlass.min(b0 + i * self.parts, nb - 1)
+            cute.copy(atom, cute.zipped_divide(mHistW[b, None], (4,))[None, q], frag[None, i])
+
+    @cute.jit
+    def clear_bits(self, sBits: cute.Tensor, nwa: Int32, tidx: Int32):
+        """Zero the first ``nwa`` bit words of every expert (the caller syncs after)."""
+        for i in cutlass.range(tidx, self.E * nwa, self.threads, unroll=1):
+            sBits[i] = 0
+
+    @cute.jit
+    def mark_bits(self, sBits: cute.Tensor, eid: cute.Tensor, tidx: Int32):
+        """A bit per (expert, token) of this thread's pairs of the chunk (the caller syncs after)."""
+        for i in cutlass.range_constexpr(self.S):
+            tl = (tidx + i * self.threads) // self.S
+            if eid[i] >= 0:
+                cute.arch.atomic_or(sBits.iterator + ((tl // 32) * self.E + eid[i]), Int32(1) << (tl % 32),
+                                    scope="cta")
+
+    @cute.jit
+    def word_prefix(self, sBits: cute.Tensor, sPfx: cute.Tensor, e: Int32, nwa: Int32) -> Int32:
+        """Per bit word of expert e: its count in the chunk's words before (sPfx); returns
+        the expert's count in the chunk."""
+        run = Int32(0)
+        for w in cutlass.range(nwa, unroll=1):
+            sPfx[w * self.E + e] = run
+            run += cute.arch.popc(sBits[w * self.E + e])
+        return run
+
+    @cute.jit
+    def chunk_ranks(self, c0: Int32, t_end: Int32, tidx: Int32, eid: cute.Tensor, sBits: cute.Tensor,
+                    sPfx: cute.Tensor, sCnt: cute.Tensor, sCoff: cute.Tensor, sWarp: cute.Tensor):
+        """A later chunk's bits -> word prefixes (sPfx), per expert its count (sCnt) and,
+        for the sorted gather writes, where its run starts in the chunk (sCoff). Ends synced.
+        (The first chunk's are interleaved with phases 1 and 2 in the kernel.)"""
+        nwa = (cutlass.min(t_end - c0, self.threads) + 31) // 32  # bit words in use per expert
+        self.clear_bits(sBits, nwa, tidx)
+        cute.arch.sync_threads()
+        self.mark_bits(sBits, eid, tidx)
+        cute.arch.sync_threads()
+        for e in cutlass.range(tidx, self.E, self.threads, unroll=1):
+            sCnt[e] = self.word_prefix(sBits, sPfx, e, nwa)
+        cute.arch.sync_threads()
+        if const_expr(self.sorted_gather):
+            self.exclusive_scan(sCnt, sCoff, sWarp, tidx)
+
     @cute.kernel
-    def kernel(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHist: cute.Tensor, mCounts: cute.Tensor,
+    def kernel(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHistW: cute.Tensor, mCounts: cute.Tensor,
                mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
                mKeptW: cute.Tensor, tile: Int32, cap: Int32):
         E, S, NT, P, NW = self.E, self.S, self.threads, self.parts, self.words
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        nb = mHist.shape[0]
+        nb = mHistW.shape[0]
         T = mIds.shape[0]
         R = mGather.shape[0]
 
@@ -162,55 +261,76 @@ class MetadataIndices:
         sPre = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
         sKept = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
         sOff = smem.allocate_tensor(Int32, cute.make_layout(E + 1), byte_alignment=16)
-        sWarp = smem.allocate_tensor(Int32, cute.make_layout(32), byte_alignment=16)
+        sWarp = smem.allocate_tensor(Int32, cute.make_layout(64), byte_alignment=16)
         sBits = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)  # [word, expert]
         sPfx = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)
         sCnt = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
         if const_expr(self.capacity):
             sRow = smem.allocate_tensor(Int32, cute.make_layout(NT * S), byte_alignment=16)
-
-        # the first chunk's ids, loaded now so their latency hides behind phase 1
-        t0 = bidx * tile
-        t_end = cutlass.min(t0 + tile, T)
-        eid = cute.make_rmem_tensor((S,), Int32)
-        self.load_chunk_ids(mIds, t0, (cutlass.min(t_end, t0 + NT) - t0) * S, tidx, eid)
+        sCoff = sCnt  # unused unless sorted
+        if const_expr(self.sorted_gather):  # the chunk's (row, token) pairs in expert order
+            sCoff = smem.allocate_tensor(Int32, cute.make_layout(E + 1), byte_alignment=16)
+            sGRow = smem.allocate_tensor(Int32, cute.make_layout(NT * S), byte_alignment=16)
+            sGTok = smem.allocate_tensor(Int32, cute.make_layout(NT * S), byte_alignment=16)
 
         # 1. per expert: total over all tiles, and over the tiles before this one. The
-        #    [tiles, E] histogram is read as 16-byte vectors of VEC experts, each vector
-        #    column split over P threads; a thread issues its rows in batches of RB loads
-        #    with no branch between them (the row index clamped, the value masked after)
-        VEC, NQ, RB = self.vec, E // self.vec, self.rows_per_batch
-        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=32 * VEC)
-        frag = cute.make_rmem_tensor((VEC, RB), Int32)
-        aPre = cute.make_rmem_tensor((VEC,), Int32)
-        aTot = cute.make_rmem_tensor((VEC,), Int32)
+        #    [tiles, cols] int16 histogram is read as 16-byte vectors (4 words of 2 experts),
+        #    each vector column split over P threads; a thread issues its rows in batches of
+        #    RB loads with no branch between them (the row index clamped, the value masked
+        #    after). The first chunk's bits for step 4 are set around it (with `overlap`,
+        #    while the first batch is in flight), their word prefixes computed with the sums
+        #    over the parts, the expert-run starts scanned with the offsets: fewer barriers
+        NQ, RB = self.cols // 8, self.rows_per_batch
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=128)
+        frag = cute.make_rmem_tensor((4, RB), Int32)
+        aPre = cute.make_rmem_tensor((8,), Int32)
+        aTot = cute.make_rmem_tensor((8,), Int32)
+        t0 = bidx * tile
+        t_end = cutlass.min(t0 + tile, T)
+        ntok0 = cutlass.min(t_end - t0, NT)
+        nwa0 = (ntok0 + 31) // 32
+        eid = cute.make_rmem_tensor((S,), Int32)
+        self.load_chunk_ids(mIds, t0, ntok0 * S, tidx, eid)
+        self.clear_bits(sBits, nwa0, tidx)
+        cute.arch.sync_threads()
+        if const_expr(self.overlap):
+            if tidx < NQ * P:
+                self.load_hist_batch(mHistW, tidx // NQ, tidx % NQ, nb, atom, frag)
+            self.mark_bits(sBits, eid, tidx)
         for item in cutlass.range(tidx, NQ * P, NT, unroll=1):
             p = item // NQ
             q = item - p * NQ
             aPre.fill(0)
             aTot.fill(0)
             for b0 in cutlass.range(p, nb, P * RB, unroll=1):
-                for i in cutlass.range_constexpr(RB):
-                    b = cutlass.min(b0 + i * P, nb - 1)
-                    cute.copy(atom, cute.zipped_divide(mHist[b, None], (VEC,))[None, q], frag[None, i])
+                if not self.overlap or item != tidx or b0 != p:  # the first batch is in flight already
+                    self.load_hist_batch(mHistW, b0, q, nb, atom, frag)
                 for i in cutlass.range_constexpr(RB):
                     b = b0 + i * P
-                    for j in cutlass.range_constexpr(VEC):
+                    for j in cutlass.range_constexpr(4):
                         v = frag[j, i]
                         if b >= nb:
                             v = Int32(0)
-                        aTot[j] = aTot[j] + v
+                        lo = v & 0xFFFF  # expert q * 8 + 2j (little-endian), counts < 2**15
+                        hi = v >> 16
+                        aTot[2 * j] = aTot[2 * j] + lo
+                        aTot[2 * j + 1] = aTot[2 * j + 1] + hi
                         if b >= bidx:
-                            v = Int32(0)
-                        aPre[j] = aPre[j] + v
-            for j in cutlass.range_constexpr(VEC):
-                sPre[p * E + q * VEC + j] = aPre[j]
-                sTot[p * E + q * VEC + j] = aTot[j]
+                            lo = Int32(0)
+                            hi = Int32(0)
+                        aPre[2 * j] = aPre[2 * j] + lo
+                        aPre[2 * j + 1] = aPre[2 * j + 1] + hi
+            for j in cutlass.range_constexpr(8):
+                if q * 8 + j < E:
+                    sPre[p * E + q * 8 + j] = aPre[j]
+                    sTot[p * E + q * 8 + j] = aTot[j]
+        if const_expr(not self.overlap):
+            self.mark_bits(sBits, eid, tidx)
         cute.arch.sync_threads()
         for e in cutlass.range(tidx, E, NT, unroll=1):
             tot = sTot[e]
             pre = sPre[e]
-            for p in cutlass.range(1, P, unroll=1):
+            for p in cutlass.range_constexpr(1, P):  # independent loads, all in flight
                 tot += sTot[p * E + e]
                 pre += sPre[p * E + e]
             sTot[e] = tot
@@ -222,13 +342,20 @@ class MetadataIndices:
             if bidx == 0:
                 mRouted[e] = tot
                 mCounts[e] = kept
+            sCnt[e] = self.word_prefix(sBits, sPfx, e, nwa0)
         cute.arch.sync_threads()
 
-        # 2. offsets: exclusive scan of the kept counts (or e * capacity when padded)
+        # 2. offsets: exclusive scan of the kept counts (or e * capacity when padded); the
+        #    first chunk's expert-run starts in the same passes
         if const_expr(self.padded):
             for e in cutlass.range(tidx, E + 1, NT, unroll=1):
                 sOff[e] = e * cap
-            cute.arch.sync_threads()
+            if const_expr(self.sorted_gather):
+                self.exclusive_scan(sCnt, sCoff, sWarp, tidx)
+            else:
+                cute.arch.sync_threads()
+        elif const_expr(self.sorted_gather):
+            self.exclusive_scan(sKept, sOff, sWarp, tidx, sCnt, sCoff)
         else:
             self.exclusive_scan(sKept, sOff, sWarp, tidx)
         if bidx == 0:
@@ -250,24 +377,9 @@ class MetadataIndices:
         for c0 in cutlass.range(t0, t_end, NT, unroll=1):
             ntok = cutlass.min(t_end - c0, NT)
             npairs = ntok * S
-            nwa = (ntok + 31) // 32  # bit words in use per expert
-            if c0 != t0:
+            if c0 != t0:  # the first chunk's bits were done with phases 1 and 2
                 self.load_chunk_ids(mIds, c0, npairs, tidx, eid)
-            for i in cutlass.range(tidx, E * nwa, NT, unroll=1):
-                sBits[i] = 0
-            cute.arch.sync_threads()
-            for i in cutlass.range_constexpr(S):  # a bit per (expert, token)
-                tl = (tidx + i * NT) // S
-                if eid[i] >= 0:
-                    cute.arch.atomic_or(sBits.iterator + ((tl // 32) * E + eid[i]), Int32(1) << (tl % 32), scope="cta")
-            cute.arch.sync_threads()
-            for e in cutlass.range(tidx, E, NT, unroll=1):  # tokens of e in the words before each word
-                run = Int32(0)
-                for w in cutlass.range(nwa, unroll=1):
-                    sPfx[w * E + e] = run
-                    run += cute.arch.popc(sBits[w * E + e])
-                sCnt[e] = run
-            cute.arch.sync_threads()
+                self.chunk_ranks(c0, t_end, tidx, eid, sBits, sPfx, sCnt, sCoff, sWarp)
             for i in cutlass.range_constexpr(S):
                 a = tidx + i * NT
                 if a < npairs:
@@ -278,19 +390,29 @@ class MetadataIndices:
                     if e >= 0:
                         w = tl // 32
                         below = (Int32(1) << (tl % 32)) - 1
-                        rank = sPre[e] + sPfx[w * E + e] + cute.arch.popc(sBits[w * E + e] & below)
+                        in_chunk = sPfx[w * E + e] + cute.arch.popc(sBits[w * E + e] & below)
+                        rank = sPre[e] + in_chunk
                         if const_expr(self.capacity):
                             if rank < cap:
                                 row = sOff[e] + rank
                         else:
                             row = sOff[e] + rank
+                        if const_expr(self.sorted_gather):
+                            sGRow[sCoff[e] + in_chunk] = row
+                            sGTok[sCoff[e] + in_chunk] = t
                     mScatter[t, a - tl * S] = row
-                    if row >= 0:
-                        mGather[row] = t
+                    if const_expr(not self.sorted_gather):
+                        if row >= 0:
+                            mGather[row] = t
                     if const_expr(self.capacity):
                         sRow[a] = row
-            if const_expr(self.capacity):  # the kept weights, a token per thread
+            if const_expr(self.sorted_gather or self.capacity):
                 cute.arch.sync_threads()
+            if const_expr(self.sorted_gather):  # consecutive threads, consecutive rows of an expert
+                for i in cutlass.range(tidx, sCoff[E], NT, unroll=1):
+                    if sGRow[i] >= 0:
+                        mGather[sGRow[i]] = sGTok[i]
+            if const_expr(self.capacity):  # the kept weights, a token per thread
                 if tidx < ntok:
                     t = c0 + tidx
                     kept_sum = Float32(0.0)
@@ -306,10 +428,11 @@ class MetadataIndices:
                             if const_expr(self.renormalize):
                                 w = w / den
                         mKeptW[t, j] = w
-            cute.arch.sync_threads()
-            for e in cutlass.range(tidx, E, NT, unroll=1):
-                sPre[e] = sPre[e] + sCnt[e]
-            cute.arch.sync_threads()
+            if c0 + NT < t_end:  # the rank base of the next chunk
+                cute.arch.sync_threads()
+                for e in cutlass.range(tidx, E, NT, unroll=1):
+                    sPre[e] = sPre[e] + sCnt[e]
+                cute.arch.sync_threads()
 
 
 # --------------------------------------------------------------------------------------
@@ -322,17 +445,38 @@ from moebench.kernels.common import COMPILE_OPTIONS, CompileCache, fake_stream, 
 
 #: the tokens are cut into about this many tiles (one CTA each in both launches)
 TARGET_TILES = 128
+#: most tokens per tile: a tile's count of one expert fits the int16 histogram
+MAX_TILE = 16384
+#: shared memory the metadata kernel may use with gather_idx written in expert order
+SORTED_GATHER_SMEM = 200 * 1024
 _cache = CompileCache()
 
 
+def hist_cols(E: int) -> int:
+    """Columns of the int16 histogram: E rounded up to 8 (rows of whole 16-byte vectors)."""
+    return -(-E // 8) * 8
+
+
 def fake_hist(tiles, E: int):
-    """hist [tiles, E] int32, contiguous, 16-byte aligned base (read as 16-byte vectors)."""
-    return cute.runtime.make_fake_tensor(Int32, (tiles, E), stride=(E, 1), assumed_align=16)
+    """hist [tiles, hist_cols(E)] int16 as its writers see it: contiguous, 16-byte aligned."""
+    cols = hist_cols(E)
+    return cute.runtime.make_fake_tensor(Int16, (tiles, cols), stride=(cols, 1), assumed_align=16)
+
+
+def fake_hist_words(tiles, E: int):
+    """The same histogram as the metadata kernel reads it: int32 words of two counts."""
+    w = hist_cols(E) // 2
+    return cute.runtime.make_fake_tensor(Int32, (tiles, w), stride=(w, 1), assumed_align=16)
+
+
+def new_hist(T: int, E: int, tile: int, device) -> torch.Tensor:
+    return torch.empty(num_tiles(T, tile), hist_cols(E), dtype=torch.int16, device=device)
 
 
 def tile_size(T: int) -> int:
-    """Tokens per tile: a multiple of 32 giving at most ~TARGET_TILES tiles."""
-    return 32 * max(1, -(-T // (32 * TARGET_TILES)))
+    """Tokens per tile: a multiple of 32 giving at most ~TARGET_TILES tiles (more above
+    TARGET_TILES * MAX_TILE tokens)."""
+    return 32 * max(1, min(-(-T // (32 * TARGET_TILES)), MAX_TILE // 32))
 
 
 def num_tiles(T: int, tile: int) -> int:
@@ -348,22 +492,24 @@ def compile_histogram(E: int, S: int):
     return _cache.get(("hist", E, S), build)
 
 
-def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: bool):
+def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: bool,
+                    sorted_gather: bool | None = None, overlap: bool | None = None, parts: int = 16):
     def build():
         T, B, R = cute.sym_int(), cute.sym_int(), cute.sym_int()
         return cute.compile(
-            MetadataIndices(E, S, capacity=capacity, padded=padded, renormalize=renormalize),
-            fake_table(Int32, T, S), fake_table(Float32, T, S), fake_hist(B, E), fake_vector(Int32, E),
+            MetadataIndices(E, S, capacity=capacity, padded=padded, renormalize=renormalize,
+                            sorted_gather=sorted_gather, overlap=overlap, parts=parts),
+            fake_table(Int32, T, S), fake_table(Float32, T, S), fake_hist_words(B, E), fake_vector(Int32, E),
             fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, R), fake_table(Int32, T, S),
             fake_table(Float32, T, S), Int32(1), Int32(1), fake_stream(), options=COMPILE_OPTIONS)
 
-    return _cache.get(("indices", E, S, capacity, padded, renormalize), build)
+    return _cache.get(("indices", E, S, capacity, padded, renormalize, sorted_gather, overlap, parts), build)
 
 
 def histogram(ids: torch.Tensor, E: int, tile: int) -> torch.Tensor:
-    """hist [tiles, E] int32 of contiguous int32 ``ids [T, S]``."""
+    """hist [tiles, hist_cols(E)] int16 of contiguous int32 ``ids [T, S]``."""
     T, S = ids.shape
-    hist = torch.empty(num_tiles(T, tile), E, dtype=torch.int32, device=ids.device)
+    hist = new_hist(T, E, tile, ids.device)
     if T == 0:
         return hist.zero_()
     compile_histogram(E, S)(ids, hist, tile)
@@ -374,8 +520,8 @@ def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: 
             capacity: int | None = None, padded: bool = False, renormalize: bool = False):
     """Counts, offsets, routed counts, gather and scatter indices, kept weights (one launch).
 
-    ``ids`` [T, S] int32 and ``weights`` [T, S] fp32, contiguous; ``hist`` from the router
-    kernel or :func:`histogram` with the same ``tile``. Dropless, the weights are returned
+    ``ids`` [T, S] int32 and ``weights`` [T, S] fp32, contiguous; ``hist`` (int16) from
+    the router kernel or :func:`histogram` with the same ``tile``. Dropless, the weights are returned
     as they are (every valid slot is kept)."""
     T, S = ids.shape
     dev = ids.device
@@ -386,6 +532,6 @@ def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: 
     scatter = torch.empty(T, S, dtype=torch.int32, device=dev)
     kept_w = weights if capacity is None else torch.empty(T, S, dtype=torch.float32, device=dev)
     fn = compile_indices(E, S, capacity is not None, padded, renormalize and capacity is not None)
-    fn(ids, weights, hist, counts, offsets, routed, gather, scatter, kept_w, tile,
+    fn(ids, weights, hist.view(torch.int32), counts, offsets, routed, gather, scatter, kept_w, tile,
        capacity if capacity is not None else 0)
     return counts, offsets, routed, gather, scatter, kept_w

@@ -36,6 +36,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES
+from moebench.kernels.metadata import hist_cols, store_hist_row
 
 #: most experts per lane (register budget) and per token (1024 = 32 lanes x 32)
 MAX_PER_LANE = 32
@@ -103,7 +104,7 @@ class LaneLayout:
 
 
 class TopKRouter:
-    """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, E] int32.
+    """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16.
 
     Static configuration: the logits dtype, E, k, how experts are scored and weighted,
     the bias, group-limited selection; the token count and the tile size are runtime."""
@@ -129,9 +130,8 @@ class TopKRouter:
         self.threads = max(threads, self.lanes.G)
         # 16-bit logits selected as they are: value and index fit one int32 key (see below)
         self.keyed = score == "logit" and dtype.width == 16 and not self.grouped
-        self.index_bits = max(1, (E - 1).bit_length())
-        self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13
-        assert self.index_bits <= self.drop_bits
+        self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13  # always-zero low bits of the fp32 value
+        assert E <= 1 << self.drop_bits
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
@@ -227,8 +227,8 @@ class TopKRouter:
         base = g * V  # this lane's first expert
 
         smem = cutlass.memory.SmemAllocator()
-        sHist = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
-        for e in cutlass.range(tidx, E, self.threads, unroll=1):
+        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(E)), byte_alignment=16)
+        for e in cutlass.range(tidx, hist_cols(E), self.threads, unroll=1):
             sHist[e] = 0
         cute.arch.sync_threads()
 
@@ -313,28 +313,27 @@ class TopKRouter:
                         sel[v] = Float32.nan
             # -- the k slots, best first ---------------------------------------------------------
             if const_expr(self.keyed):
-                # key = order-preserving int of the logit (its fp32 bits, -0 as +0, the
-                # always-zero low bits dropped) << index_bits | (2**index_bits - 1 - expert):
-                # the largest key is the largest logit, the lowest expert among equal ones.
-                # `keys` holds them negated (see select_keyed)
-                ib, db = self.index_bits, self.drop_bits
-                mask = (1 << ib) - 1
+                # key = o + (2**db - 1 - expert), o = the logit's fp32 bits as a signed
+                # magnitude (order-preserving, -0 = +0 = 0), whose low db bits are always
+                # zero for a 16-bit logit: the largest key is the largest logit, the lowest
+                # expert among equal ones. `keys` holds them negated (see select_keyed):
+                # -key = (sg - ms) - (mask - expert) with sg = sign mask, ms = magnitude ^ sg
+                db = self.drop_bits
+                mask = (1 << db) - 1
                 xi = cute.recast_tensor(x, Int32)
                 for v in cutlass.range_constexpr(V):
-                    x[v] = x[v] + Float32(0.0)
-                    b = xi[v]
-                    o = b ^ ((b >> 31) & Int32(0x7FFFFFFF))
-                    keys[v] = ((Int32(0) - (o >> db)) << ib) - (mask - (base + v))  # -key
+                    sg = xi[v] >> 31
+                    ms = (xi[v] & Int32(0x7FFFFFFF)) ^ sg
+                    keys[v] = (sg - ms) - (mask - (base + v))  # -key
                     if base + v >= E:
                         keys[v] = Int32(2**31 - 1)
                 key = Int32(0)
                 for j in cutlass.range_constexpr(k):
                     key = self.select_keyed(keys, key, j == 0)
                     ids[j] = mask - (key & mask)
-                    o = (key >> ib) << db
-                    if o < 0:
-                        o = o | ((1 << db) - 1)
-                    bits[0] = o ^ ((o >> 31) & Int32(0x7FFFFFFF))
+                    o = key & Int32(~mask)  # back to the fp32 bits: sign | magnitude
+                    neg = o >> 31
+                    bits[0] = ((o ^ neg) - neg) | (neg << 31)
                     wts[j] = bits_f[0]
             else:
                 for j in cutlass.range_constexpr(k):
@@ -397,8 +396,7 @@ class TopKRouter:
                     cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
 
         cute.arch.sync_threads()
-        for e in cutlass.range(tidx, E, self.threads, unroll=1):
-            mHist[bidx, e] = sHist[e]
+        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
 
 
 # --------------------------------------------------------------------------------------
@@ -408,7 +406,7 @@ class TopKRouter:
 import torch  # noqa: E402
 
 from moebench.kernels.common import COMPILE_OPTIONS, TORCH_TO_CUTE, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
-from moebench.kernels.metadata import fake_hist, num_tiles, tile_size  # noqa: E402
+from moebench.kernels.metadata import fake_hist, new_hist, tile_size  # noqa: E402
 
 _cache = CompileCache()
 
@@ -435,7 +433,7 @@ _zero_bias: dict = {}
 
 
 def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
-    """ids [T, k] int32, weights [T, k] fp32, hist [tiles, E] int32 and the tile size.
+    """ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16 and the tile size.
 
     ``logits`` [T, E] of a handled dtype; ``static`` as TopKRouter (the caller has
     checked the combination, see ``moebench.impls.cute_impl``)."""
@@ -452,7 +450,7 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     if not usable(weights, torch.float32):
         weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     tile = tile_size(T)
-    hist = torch.empty(num_tiles(T, tile), E, dtype=torch.int32, device=dev)
+    hist = new_hist(T, E, tile, dev)
     if T == 0:
         return ids, weights, hist.zero_(), tile
     has_bias = bias is not None

@@ -101,6 +101,27 @@ def test_route_ties_break_toward_lower_index(name):
     _check_route(lg, 8, router, router.expert_bias(256, "cuda", seed=3))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_16bit_keys_signed_zeros_and_extremes(dtype):
+    """The 16-bit keyed selection on values where an integer order can go wrong: -0 and +0
+    (equal: the lower expert wins), +-inf, +-the largest and smallest normal, ties."""
+    fi = torch.finfo(dtype)
+    vals = torch.tensor([0.0, -0.0, 0.5, -0.5, float("inf"), float("-inf"), fi.max, -fi.max, fi.tiny, -fi.tiny],
+                        device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(17)
+    lg = vals[torch.randint(len(vals), (3001, 256), generator=g, device="cuda")].to(dtype)
+    lg[:5] = -0.0
+    lg[5:10] = 0.0
+    lg[5:10, ::3] = -0.0  # mixed signed zeros: all tied
+    im = CuteImpl()
+    for router in (R.RouterSpec("topk_hard"), R.RouterSpec("topk_softmax", normalize="sum")):
+        ids, _ = im.route(lg, 8, router)
+        rids, _ = R.route(lg, 8, router)
+        assert torch.equal(ids.long(), rids.long()), f"ids differ in {(ids.long() != rids.long()).any(1).sum()} rows"
+    finite = lg.clamp(-4, 4)  # gate weights checked where they are finite
+    _check_route(finite, 8, R.RouterSpec())
+
+
 def test_route_neg_inf_logits_still_compete():
     lg = _logits("uniform", 64, 32, torch.float32)
     lg[:, 3:] = float("-inf")  # only 3 finite experts, k = 4
@@ -126,7 +147,8 @@ CAPS = {
 
 @pytest.mark.parametrize("logits", ["uniform", "zipf", "hot"])
 @pytest.mark.parametrize("cap", list(CAPS))
-@pytest.mark.parametrize("T,E,k", [(16384, 256, 8), (5000, 60, 4), (1, 8, 2), (3000, 1024, 16)])
+@pytest.mark.parametrize("T,E,k", [(16384, 256, 8), (5000, 60, 4), (1, 8, 2), (3000, 1024, 16),
+                                   (65536, 1024, 16)])  # the last: tiles of 512 tokens, in chunks of 512 pairs
 def test_metadata_matches_reference(T, E, k, cap, logits):
     lg = _logits(logits, T, E, seed=T + E)
     ids, w = R.route(lg, k, R.RouterSpec())
