@@ -29,6 +29,16 @@ def table(sel, title):
 
 table(ok[ok.bench.isin(["pack", "combine"]) & (ok.router == "softmax_topk")], "pack / combine (us, % of same-job copy)")
 table(ok[(ok.bench == "topk") & (ok.router == "softmax_topk")], "top-k softmax_topk (us)")
+rt = ok[ok.bench == "router"]
+if not rt.empty:
+    print("\n== router (us, median; timing mode per row)")
+    print(rt.pivot_table(index=["shape_name", "stage", "timing_mode"], columns="stage_impl", values="time_us_median",
+                         aggfunc="median").round(1).to_string())
+tk = ok[ok.bench == "topk"]
+if not tk.empty:
+    print("\n== top-k by E, k, dtype (us)")
+    print(tk.pivot_table(index=["experts", "topk", "dtype"], columns="stage_impl", values="time_us_median",
+                         aggfunc="median").round(1).to_string())
 table(ok[(ok.bench == "routing")], "routing end to end")
 cap = ok[(ok.bench == "capacity") & (ok.stage == "total")]
 if not cap.empty:
