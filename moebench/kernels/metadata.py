@@ -116,10 +116,24 @@ class MetadataIndices:
             grid=[mHistW.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
+    def warp_scan(self, x: Int32, x2: Int32, lane: Int32, two: cutlass.Constexpr[bool]):
+        """Inclusive scan of ``x`` over the lanes of a warp (and of ``x2`` with ``two``)."""
+        for s in cutlass.range_constexpr(5):
+            o = cute.arch.shuffle_sync_up(x, offset=1 << s)
+            o2 = Int32(0)
+            if const_expr(two):
+                o2 = cute.arch.shuffle_sync_up(x2, offset=1 << s)
+            if lane >= (1 << s):
+                x += o
+                x2 += o2
+        return x, x2
+
+    @cute.jit
     def exclusive_scan(self, sVal: cute.Tensor, sOut: cute.Tensor, sWarp: cute.Tensor, tidx: Int32,
                        sVal2: cute.Tensor = None, sOut2: cute.Tensor = None):
         """sOut[e] = sum of sVal[:e] for e < E, sOut[E] = the total (all threads call; ends
-        synced). With sVal2 / sOut2, the same for a second array in the same passes."""
+        synced). With sVal2 / sOut2, the same for a second array in the same passes
+        (sWarp[32:] holds its warp sums)."""
         E, NT = self.E, self.threads
         two = sVal2 is not None
         per = (E + NT - 1) // NT  # contiguous values per thread
@@ -133,46 +147,33 @@ class MetadataIndices:
                 run += sVal[e]
                 if const_expr(two):
                     run2 += sVal2[e]
-        inc = run  # inclusive scan of the thread sums within the warp
-        inc2 = run2
-        for s in cutlass.range_constexpr(5):
-            o = cute.arch.shuffle_sync_up(inc, offset=1 << s)
-            o2 = Int32(0)
-            if const_expr(two):
-                o2 = cute.arch.shuffle_sync_up(inc2, offset=1 << s)
-            if lane >= (1 << s):
-                inc += o
-                inc2 += o2
+        inc, inc2 = self.warp_scan(run, run2, lane, two)  # the thread sums, within the warp
         if lane == 31:
             sWarp[warp] = inc
-            sWarp[32 + warp] = inc2
+            if const_expr(two):
+                sWarp[32 + warp] = inc2
         cute.arch.sync_threads()
         if warp == 0:
             wv = Int32(0)
             wv2 = Int32(0)
             if lane < NT // 32:
                 wv = sWarp[lane]
-                wv2 = sWarp[32 + lane]
-            winc = wv
-            winc2 = wv2
-            for s in cutlass.range_constexpr(5):
-                o = cute.arch.shuffle_sync_up(winc, offset=1 << s)
-                o2 = Int32(0)
                 if const_expr(two):
-                    o2 = cute.arch.shuffle_sync_up(winc2, offset=1 << s)
-                if lane >= (1 << s):
-                    winc += o
-                    winc2 += o2
+                    wv2 = sWarp[32 + lane]
+            winc, winc2 = self.warp_scan(wv, wv2, lane, two)  # the warp sums
             if lane < NT // 32:
                 sWarp[lane] = winc - wv  # exclusive warp prefix
-                sWarp[32 + lane] = winc2 - wv2
+                if const_expr(two):
+                    sWarp[32 + lane] = winc2 - wv2
             if lane == NT // 32 - 1:
                 sOut[E] = winc
                 if const_expr(two):
                     sOut2[E] = winc2
         cute.arch.sync_threads()
         acc = sWarp[warp] + inc - run
-        acc2 = sWarp[32 + warp] + inc2 - run2
+        acc2 = Int32(0)
+        if const_expr(two):
+            acc2 = sWarp[32 + warp] + inc2 - run2
         for i in cutlass.range_constexpr(per):
             e = tidx * per + i
             if e < E:
