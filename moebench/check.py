@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from moebench.errors import Mismatch
 from moebench.routing import RoutingMetadata
 
-
-class Mismatch(Exception):
-    """The implementation's result differs from the reference; the message says where."""
+__all__ = ["Mismatch", "TOLERANCE", "assert_close", "assert_equal", "check_metadata", "check_route", "poison",
+           "poison_free_blocks"]
 
 
 #: (rtol, atol) for values computed in fp32 and rounded to the dtype (combine, weights)

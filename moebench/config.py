@@ -1,200 +1,153 @@
-"""From a composed Hydra config to a validated job description.
+"""The Hydra side of moebench: the schemas of every config group in Hydra's ConfigStore, the
+options of each group, composing a config with one-line errors, and :func:`resolve` (the job
+and its bench's own checks).
 
-Every bad value is a :class:`ConfigError` whose message is one line naming the value and
-what is accepted; it is raised before anything is written.
+Schemas (registered on import): the top-level :class:`MoebenchConfig`; per option of
+``bench`` (each bench's ``Config``), ``impl`` (``moebench.impls.CONFIGS``), ``router`` (each
+router's options, ``Router.schema``) and ``logits`` (``moebench.logits.SCHEMAS``), named
+``_schema_<option>`` and named first in that option's YAML defaults list; ``capacity`` and
+``timing`` are typed fields of the top-level schema. Hydra and OmegaConf then reject wrong types
+while composing; :func:`moebench.job.check_keys` rejects the unknown keys that ``+key=value`` adds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from moebench.impls.base import STAGES
-from moebench.logits import KINDS as LOGITS_KINDS
-from moebench.routing import CapacitySpec, RouterSpec
-from moebench.timing import MODES, TimingSpec
+from moebench.benches import BENCHES
+from moebench.errors import ConfigError
+from moebench.impls import CONFIGS as IMPL_CONFIGS
+from moebench.impls.base import ImplConfig, accepted
+from moebench.job import CONF_DIR, DTYPES, JobSpec, options, resolve_job, shape_preset, typed
+from moebench.logits import SCHEMAS as LOGITS_SCHEMAS
+from moebench.routing import ROUTERS, CapacityConfig
+from moebench.timing import TimingSpec
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-DEVICES = ("auto", "cuda", "cpu")
-
-#: stages each bench measures, in order; ``total`` times the chain of the others
-BENCHES = {
-    "topk": ("route",),
-    "pack": ("pack",),
-    "combine": ("combine",),
-    "routing": ("route", "metadata", "pack", "combine", "total"),
-    # logits to full routing metadata: route, metadata on the reference ids, and the chain of both
-    "router": ("route", "metadata", "route_metadata"),
-    "capacity": ("metadata", "pack", "combine", "total"),
-    # --- expert parallelism (moebench/ep.py): rows per rank; raw_a2a = the same job's ceiling ---
-    "ep_dispatch": ("dispatch", "combine", "total", "raw_a2a"),
-    # --- one MoE layer with per-expert SwiGLU (moebench/moe_layer.py); dense_gemm = the same job's ceiling ---
-    "moe_layer": ("gate", "route", "metadata", "pack", "gemm1", "activation", "gemm2", "combine", "experts",
-                  "total", "dense_gemm"),
-}
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line."""
-
-
-def options(group: str) -> list[str]:
-    """The options of a config group (the YAML files under conf/<group>)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def shape_preset(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "shape" / f"{name}.yaml"))
+__all__ = ["CONF_DIR", "DTYPES", "ConfigError", "JobSpec", "MoebenchConfig", "compose", "options", "resolve",
+           "shape_preset"]
 
 
 @dataclass
-class JobSpec:
-    bench: str
-    stages: tuple[str, ...]
-    impl: str
-    stage_impls: dict[str, str]
-    shape: str
-    tokens: int
-    hidden: int
-    experts: int
-    topk: int
-    dtype_name: str
-    seed: int
-    device: torch.device
-    router: RouterSpec
-    logits: dict
-    capacity: CapacitySpec
-    timing: TimingSpec
-    weighted: bool = True
-    impl_configs: dict[str, dict] = field(default_factory=dict)
+class MoebenchConfig:
+    """The top-level schema (``conf/config.yaml``)."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
-
-    @property
-    def capacity_name(self) -> str:
-        return "dropless" if self.capacity.dropless else f"cf={self.capacity.factor:g}"
+    impl: Any = MISSING
+    router: Any = MISSING
+    logits: Any = MISSING
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    timing: TimingSpec = field(default_factory=TimingSpec)
+    bench: Any = MISSING
+    # the problem size (set by the shape preset; null = filled by shape=auto for this machine)
+    shape_name: str = "auto"
+    tokens: int | None = None
+    hidden: int | None = None
+    experts: int | None = None
+    topk: int | None = None
+    intermediate: int | None = None  # expert FFN size (bench=moe_layer)
+    dtype: str = "bfloat16"
+    seed: int = 17
+    device: str = "auto"
+    # per-stage implementation (a name from conf/impl); null = the impl group's choice
+    impl_route: str | None = None
+    impl_metadata: str | None = None
+    impl_pack: str | None = None
+    impl_combine: str | None = None
+    world_size: int | None = None  # ranks of bench=ep_dispatch
 
 
-def _int(cfg, key: str, minimum: int = 1) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{key}={v!r} is not accepted; {key} must be an integer >= {minimum}")
-    return v
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="_schema", node=MoebenchConfig)
+    cs.store(group="impl", name="_schema", node=ImplConfig)  # for an implementation of one's own
+    groups = {"bench": {n: b.Config for n, b in BENCHES.items()}, "impl": IMPL_CONFIGS,
+              "router": {n: r.schema() for n, r in ROUTERS.items()}, "logits": LOGITS_SCHEMAS}
+    for group, schemas in groups.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"_schema_{name}", node=node)
 
 
-def _choice(value, key: str, accepted) -> str:
-    if value not in accepted:
-        raise ConfigError(f"{key}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
-    return value
+register()
 
 
-def resolve_device(name: str) -> torch.device:
-    _choice(name, "device", DEVICES)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible here; accepted on this machine: auto, cpu")
-    return torch.device(name)
+# -- composing, with one-line errors ---------------------------------------------------
+
+_EXPECTED = {"bool": "accepted: true, false", "Integer": "an integer", "Float": "a number", "int": "an integer",
+             "float": "a number"}
 
 
-def _impl_config(name: str, key: str) -> dict:
-    _choice(name, key, options("impl"))
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "impl" / f"{name}.yaml"))
+def _expected(msg: str) -> str:
+    for key, what in _EXPECTED.items():
+        if f"valid {key}" in msg or f"to {key}" in msg:
+            return what
+    return msg.splitlines()[0] if msg else "see `python run.py --cfg job`"
 
+
+def _unknown_key(key: str, value: str | None, overrides: list[str]) -> str:
+    """``key=value is not an option of <group>=<option>; accepted: ...`` (the keys beside it,
+    composed without the override that named it)."""
+    parent, _, _ = key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+    shown = f"{key}={value}" if value is not None else key
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            node = hydra_compose("config", overrides=rest)
+        node = OmegaConf.select(node, parent) if parent else node
+    except Exception:  # noqa: BLE001 -- only for the message
+        node = None
+    if not isinstance(node, DictConfig):
+        return f"{shown} is not a moebench option"
+    option = next((f" of {parent}={node[k]}" for k in ("name", "kind") if parent and isinstance(node.get(k), str)), "")
+    return f"{shown} is not an option{option}; accepted: {', '.join(map(str, node.keys()))}"
+
+
+def composition_error(e: BaseException, overrides: list[str]) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, what is accepted."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    full_key = getattr(cause, "full_key", None)
+    msg = str(getattr(cause, "msg", None) or cause)
+    if full_key and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key), None)
+        return _unknown_key(full_key, value, overrides)
+    if full_key:
+        value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key),
+                     getattr(cause, "value", None))
+        return f"{full_key}={value} is not accepted; {_expected(msg)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The job config of these overrides (Hydra's compose API on ``conf/``); a composition
+    error is a one-line ConfigError."""
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(composition_error(e, overrides)) from None
+
+
+# -- the job and its bench ---------------------------------------------------------------
 
 def resolve(cfg: DictConfig) -> JobSpec:
-    """Validate a composed config and fill what ``shape=auto`` leaves to the machine."""
-    device = resolve_device(cfg.get("device", "auto"))
-    bench = _choice(cfg.bench.name, "bench", tuple(BENCHES))
-    shape = cfg.get("shape_name") or "auto"
-    dims = {k: cfg.get(k) for k in ("tokens", "hidden", "experts", "topk")}
-    if shape == "auto":
-        shape = "seed" if device.type == "cuda" else "tiny"
-        preset = shape_preset(shape)
-        dims = {k: (preset[k] if v is None else v) for k, v in dims.items()}
-    merged = OmegaConf.create(dims)
-    tokens, hidden, experts = _int(merged, "tokens"), _int(merged, "hidden"), _int(merged, "experts")
-    topk = _int(merged, "topk")
-    if topk > experts:
-        raise ConfigError(f"topk={topk} is not accepted with experts={experts}; topk must be <= experts")
-    dtype_name = DTYPE_ALIASES.get(str(cfg.dtype), str(cfg.dtype))
-    _choice(dtype_name, "dtype", tuple(DTYPES))
-    seed = _int(cfg, "seed", minimum=0)
-
-    r = OmegaConf.to_container(cfg.router)
-    _choice(r.get("name"), "router", RouterSpec.NAMES)
-    known = set(RouterSpec.__dataclass_fields__)
-    unknown = sorted(set(r) - known)
-    if unknown:
-        raise ConfigError(f"router.{unknown[0]} is not a router option; accepted: {', '.join(sorted(known))}")
-    router = RouterSpec(**r)
-    _choice(router.normalize, "router.normalize", ("softmax", "sum"))
-    _choice(router.score, "router.score", ("sigmoid", "softmax"))
-    _choice(router.group_score, "router.group_score", ("top2_sum", "max"))
-    if router.name == "top1" and topk != 1:
-        raise ConfigError(f"router=top1 routes each token to one expert; topk={topk} is not accepted (use topk=1)")
-    if router.name == "group_limited":
-        if router.n_group < 1 or experts % router.n_group:
-            raise ConfigError(f"router.n_group={router.n_group} does not divide experts={experts}; "
-                              f"accepted: a divisor of {experts}")
-        if not 1 <= router.topk_group <= router.n_group:
-            raise ConfigError(f"router.topk_group={router.topk_group} is not accepted; 1..n_group={router.n_group}")
-        if topk > router.topk_group * experts // router.n_group:
-            raise ConfigError(f"topk={topk} exceeds the experts of topk_group={router.topk_group} groups "
-                              f"({router.topk_group * experts // router.n_group})")
-
-    lg = OmegaConf.to_container(cfg.logits)
-    _choice(lg.get("kind"), "logits", LOGITS_KINDS)
-    if lg["kind"] == "from_file" and not lg.get("path"):
-        raise ConfigError("logits=from_file needs logits.path=<a .pt or .npy [T, E] tensor>")
-
-    c = cfg.capacity
-    cf = c.get("cf")
-    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0):
-        raise ConfigError(f"capacity.cf={cf!r} is not accepted; a number > 0, or null for dropless")
-    _choice(c.drop_policy, "capacity.drop_policy", CapacitySpec.DROP_POLICIES)
-    if c.pad_to_capacity and cf is None:
-        raise ConfigError("capacity.pad_to_capacity=true needs a capacity factor (capacity.cf=<number>)")
-    capacity = CapacitySpec(None if cf is None else float(cf), int(c.min_capacity), c.drop_policy,
-                            bool(c.pad_to_capacity), bool(c.renormalize_after_drop))
-    if router.name == "expert_choice" and not capacity.dropless:
-        raise ConfigError("router=expert_choice sets its own capacity (router.capacity_factor); "
-                          f"capacity.cf={cf} is not accepted with it (use capacity=dropless)")
-    if bench == "capacity" and capacity.dropless:
-        raise ConfigError("bench=capacity needs a capacity factor; capacity.cf=null is not accepted (e.g. capacity.cf=1.25)")
-
-    t = cfg.timing
-    _choice(t.mode, "timing.mode", MODES)
-    timing = TimingSpec(t.mode, _int(t, "warmup", 0), _int(t, "repeats", 1))
-
-    impl = cfg.impl.name
-    stages = BENCHES[bench]
-    stage_impls, impl_configs = {}, {impl: OmegaConf.to_container(cfg.impl)}
-    for s in STAGES:
-        name = cfg.get(f"impl_{s}") or impl
-        if name not in impl_configs:
-            impl_configs[name] = _impl_config(name, f"impl_{s}")
-        stage_impls[s] = name
-    job = JobSpec(bench=bench, stages=stages, impl=impl, stage_impls=stage_impls, shape=shape, tokens=tokens,
-                  hidden=hidden, experts=experts, topk=topk, dtype_name=dtype_name, seed=seed, device=device,
-                  router=router, logits=lg, capacity=capacity, timing=timing,
-                  weighted=bool(cfg.bench.get("weighted", True)), impl_configs=impl_configs)
-    # --- bench=ep_dispatch (moebench/ep.py): world_size, bench.* keys, experts % world_size ---
-    if bench == "ep_dispatch":
-        from moebench.ep import validate as _validate_ep
-        _validate_ep(cfg, job)
-    # --- end ep_dispatch ---
-    # --- bench=moe_layer (moebench/moe_layer.py): intermediate, bench.gemm and the other bench.* keys ---
-    if bench == "moe_layer":
-        from moebench.moe_layer import validate as _validate_moe_layer
-        _validate_moe_layer(cfg, job)
-    # --- end moe_layer ---
+    """The job of a composed config, checked by its bench too (``Bench.validate``): every
+    ConfigError is raised here, before anything is allocated or written."""
+    job = resolve_job(cfg)
+    accepted("bench", job.bench, tuple(BENCHES))
+    bench = BENCHES[job.bench]
+    job.bench_config = typed(cfg.bench, bench.Config)
+    job.stages = bench.stages
+    if job.world_size is not None and not bench.multi_rank:
+        raise ConfigError(f"world_size={job.world_size} is not accepted with bench={job.bench}; it sets the ranks "
+                          "of bench=ep_dispatch")
+    bench.validate(job)
     return job

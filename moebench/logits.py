@@ -6,11 +6,81 @@ make some experts popular, ``from_file`` replays a real router trace.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-KINDS = ("uniform", "zipf", "hot", "from_file")
+from moebench.errors import ConfigError, shown
+
+
+def _positive(key: str, v, minimum: float = 0.0, inclusive: bool = False) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (v >= minimum if inclusive else v > minimum)
+    if not ok:
+        raise ConfigError(f"{key}={shown(v)} is not accepted; a number {'>=' if inclusive else '>'} {minimum:g}")
+
+
+# The schema of each option of ``conf/logits`` (an option reads only its own keys).
+@dataclass
+class UniformLogits:
+    """i.i.d. N(0, scale^2) logits (what public suites use)."""
+
+    kind: str = "uniform"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _positive("logits.scale", self.scale)
+
+
+@dataclass
+class ZipfLogits:
+    """Expert popularity ~ rank^-alpha (ranks in a seeded random order); alpha = 0 is uniform
+    popularity, larger alpha concentrates the load on fewer experts."""
+
+    kind: str = "zipf"
+    alpha: float = 1.2
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _positive("logits.alpha", self.alpha, inclusive=True)
+        _positive("logits.scale", self.scale)
+
+
+@dataclass
+class HotLogits:
+    """A fraction of the tokens boosted onto a few experts."""
+
+    kind: str = "hot"
+    hot_fraction: float = 0.5
+    hot_experts: int = 2
+    hot_boost: float = 10.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.hot_fraction, bool) or not 0.0 <= self.hot_fraction <= 1.0:
+            raise ConfigError(f"logits.hot_fraction={shown(self.hot_fraction)} is not accepted; a number in [0, 1]")
+        if self.hot_experts < 1:
+            raise ConfigError(f"logits.hot_experts={self.hot_experts!r} is not accepted; an integer >= 1")
+        _positive("logits.hot_boost", self.hot_boost, inclusive=True)
+        _positive("logits.scale", self.scale)
+
+
+@dataclass
+class FileLogits:
+    """A saved [T, E] router trace (.pt or .npy); rows repeat to fill ``tokens``."""
+
+    kind: str = "from_file"
+    path: str | None = None
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("logits=from_file needs logits.path=<a .pt or .npy [T, E] tensor>")
+        if not Path(self.path).expanduser().is_file():
+            raise ConfigError(f"logits.path={self.path!r} is not a file; give a .pt or .npy [T, E] tensor")
+
+
+SCHEMAS = {"uniform": UniformLogits, "zipf": ZipfLogits, "hot": HotLogits, "from_file": FileLogits}
+KINDS = tuple(SCHEMAS)
 
 
 def zipf_bias(experts: int, alpha: float, generator: torch.Generator) -> torch.Tensor:

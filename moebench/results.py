@@ -35,7 +35,7 @@ FIELDS = [
     # outcome
     ("status", _S), ("message", _S),
     ("time_us_median", _F), ("time_us_p10", _F), ("time_us_p90", _F), ("time_us_mean", _F), ("time_us_std", _F),
-    ("first_call_ms", _F),
+    ("time_us_samples", pa.list_(_F)), ("first_call_ms", _F),
     ("bytes_strict", _I), ("bytes_per_token_strict", _F), ("bw_GBps_strict", _F), ("bw_GiBps_strict", _F),
     ("copy_GBps", _F), ("pct_of_copy", _F), ("tokens_per_s", _F),
     # routing balance
@@ -141,20 +141,33 @@ def load(paths) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
-SUMMARY_COLUMNS = ["bench", "stage", "stage_impl", "dtype", "tokens", "hidden", "experts", "topk", "status",
-                   "time_us_median", "bw_GBps_strict", "pct_of_copy", "avg_drop_rate", "message"]
+SUMMARY_COLUMNS = ("bench", "stage", "stage_impl", "dtype", "tokens", "hidden", "experts", "topk", "status",
+                   "time_us_median", "bw_GBps_strict", "pct_of_copy", "avg_drop_rate", "message")
+#: how the summary shows a column: its heading and its format
+SUMMARY_FORMATS = {
+    "time_us_median": ("us", "{:.1f}"), "time_us_slowest_rank": ("us_slowest", "{:.1f}"),
+    "bw_GBps_strict": ("GB/s", "{:.0f}"), "pct_of_copy": ("%copy", "{:.1f}"), "avg_drop_rate": ("drop", "{:.3f}"),
+    "tflops": ("TFLOP/s", "{:.1f}"), "pct_of_dense": ("%dense", "{:.1f}"), "routing_share": ("routing", "{:.3f}"),
+    "algbw_GBps": ("algbw", "{:.2f}"), "busbw_GBps": ("busbw", "{:.2f}"), "pct_of_raw": ("%raw", "{:.1f}"),
+    "recv_imbalance": ("imbal", "{:.3f}"), "rank": ("rank", "{:.0f}"),
+}
+#: byte columns, shown in MB
+SUMMARY_MB = {"bytes_sent": "MB_sent", "bytes_received": "MB_recv"}
 
 
-def summary(df: pd.DataFrame, width: int = 60) -> str:
-    """A compact terminal table of a job's (or sweep's) rows."""
-    cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
+def summary(df: pd.DataFrame, columns=None, width: int = 60) -> str:
+    """A compact terminal table of a job's (or sweep's) rows: ``columns`` (default
+    SUMMARY_COLUMNS) that the table has, numbers formatted, messages cut to ``width``."""
+    cols = [c for c in (columns or SUMMARY_COLUMNS) if c in df.columns]
     view = df[cols].copy()
-    if "message" in view:
-        view["message"] = view["message"].fillna("").str.slice(0, width)
-    for c, fmt in (("time_us_median", "{:.1f}"), ("bw_GBps_strict", "{:.0f}"), ("pct_of_copy", "{:.1f}"),
-                   ("avg_drop_rate", "{:.3f}")):
+    for c in ("message", "stage_impl"):
+        if c in view:
+            view[c] = view[c].fillna("").astype(str).str.slice(0, width)
+    for c, (_, fmt) in SUMMARY_FORMATS.items():
         if c in view:
             view[c] = view[c].map(lambda v, f=fmt: "" if pd.isna(v) else f.format(v))
-    view = view.rename(columns={"time_us_median": "us", "bw_GBps_strict": "GB/s", "pct_of_copy": "%copy",
-                                "avg_drop_rate": "drop"})
-    return view.to_string(index=False)
+    for c in SUMMARY_MB:
+        if c in view:
+            view[c] = view[c].map(lambda v: "" if pd.isna(v) else f"{v / 1e6:.2f}")
+    names = {c: h for c, (h, _) in SUMMARY_FORMATS.items()} | SUMMARY_MB
+    return view.rename(columns=names).to_string(index=False)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moebench.errors import ConfigError
+
 MODES = ("events", "graph", "rotated")
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H100/H200 L2 (50 MB)
 ROTATE_BYTES = 128 * 1024 * 1024  # input copies a rotated replay cycles through (> 2.5 x the L2)
@@ -34,11 +36,21 @@ def rotations(set_bytes: int) -> int:
     return max(2, min(MAX_ROTATIONS, -(-ROTATE_BYTES // max(set_bytes, 1))))
 
 
-@dataclass(frozen=True)
+@dataclass
 class TimingSpec:
+    """The schema of ``conf/timing``."""
+
     mode: str = "events"  # events | graph | rotated (cuda only; cpu always uses the wall clock)
     warmup: int = 5
     repeats: int = 50
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"timing.mode={self.mode!r} is not accepted; accepted: {', '.join(MODES)}")
+        if isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ConfigError(f"timing.warmup={self.warmup!r} is not accepted; an integer >= 0")
+        if isinstance(self.repeats, bool) or self.repeats < 1:
+            raise ConfigError(f"timing.repeats={self.repeats!r} is not accepted; an integer >= 1")
 
 
 @dataclass
@@ -50,13 +62,15 @@ class Timing:
     mean_us: float
     std_us: float
     repeats: int
+    #: every repeat, in the order measured
+    samples_us: tuple[float, ...] = ()
 
     @classmethod
     def from_samples(cls, mode: str, samples_us: list[float]) -> "Timing":
         s = sorted(samples_us)
         q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
         return cls(mode, statistics.median(s), q[0], q[-1], statistics.fmean(s),
-                   statistics.pstdev(s) if len(s) > 1 else 0.0, len(s))
+                   statistics.pstdev(s) if len(s) > 1 else 0.0, len(s), tuple(samples_us))
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,13 +88,17 @@ def first_call_ms(fn, device: torch.device) -> float:
 
 
 class Timer:
-    """Times a callable on one device; holds the L2-flush buffer for the job."""
+    """Times a callable on one device; holds the L2-flush buffer for the job.
 
-    def __init__(self, spec: TimingSpec, device: torch.device):
+    ``barrier`` (collectives across ranks): called before every warm-up call and every
+    timed repeat (after the L2 flush), so every rank starts each repeat together."""
+
+    def __init__(self, spec: TimingSpec, device: torch.device, barrier=None):
         if spec.mode not in MODES:
             raise ValueError(f"timing.mode={spec.mode!r}; accepted: {', '.join(MODES)}")
         self.spec = spec
         self.device = device
+        self.barrier = barrier or (lambda: None)
         self._flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
 
     @property
@@ -105,11 +123,16 @@ class Timer:
             return self._time_rotated(rotated())
         return self._time_events(fn)
 
-    def _time_wall(self, fn) -> Timing:
+    def _warmup(self, fn) -> None:
         for _ in range(self.spec.warmup):
+            self.barrier()
             fn()
+
+    def _time_wall(self, fn) -> Timing:
+        self._warmup(fn)
         samples = []
         for _ in range(self.spec.repeats):
+            self.barrier()
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
@@ -122,6 +145,7 @@ class Timer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
             self.flush_l2()
+            self.barrier()
             starts[i].record()
             call()
             ends[i].record()
@@ -129,8 +153,7 @@ class Timer:
         return Timing.from_samples(mode, [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
 
     def _time_events(self, fn) -> Timing:
-        for _ in range(self.spec.warmup):
-            fn()
+        self._warmup(fn)
         return self._event_samples("events", fn)
 
     def _capture(self, fns) -> torch.cuda.CUDAGraph:

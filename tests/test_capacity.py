@@ -601,9 +601,14 @@ def syncing_calls(src: str, module_funcs: dict[str, str]) -> list[str]:
 
 
 def _module_funcs():
-    tree = ast.parse(inspect.getsource(R))
-    src = inspect.getsource(R)
-    return {n.name: ast.get_source_segment(src, n) for n in tree.body if isinstance(n, ast.FunctionDef)}
+    from moebench.routing import dispatch, metadata
+
+    funcs = {}
+    for module in (metadata, dispatch):
+        src = inspect.getsource(module)
+        funcs.update({n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body
+                      if isinstance(n, ast.FunctionDef)})
+    return funcs
 
 
 def test_source_scan_finds_syncs():

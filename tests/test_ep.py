@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from moebench import ep, results, routing
-from moebench.app import run_job
-from moebench.config import CONF_DIR, ConfigError, resolve
+from moebench import results, routing
+from moebench.benches import ep_dispatch as ep
+from moebench.app import JobFailed, run_job
+from moebench.config import ConfigError, compose, resolve
 from moebench.routing import CapacitySpec, RouterSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,8 +19,7 @@ FAST = ["timing.warmup=1", "timing.repeats=3"]
 
 
 def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["bench=ep_dispatch", *overrides])
+    return compose(["bench=ep_dispatch", *overrides])
 
 
 def problems(world_size):
@@ -164,8 +163,10 @@ def test_failed_rank_gives_error_rows(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("rank 1 fell over\nsecond line")
 
-    monkeypatch.setattr(ep, "_spawn", boom)
-    df = run_job(cfg_of("shape=tiny", *FAST), tmp_path)
+    monkeypatch.setattr(ep.bench, "spawn", boom)
+    with pytest.raises(JobFailed, match="every row of bench=ep_dispatch failed"):
+        run_job(cfg_of("shape=tiny", *FAST), tmp_path)
+    df = results.load(tmp_path)  # a failed measurement is a result: the table is written
     assert (df.status == "error").all() and list(df.stage) == list(ep.STAGES)
     assert df.message[0] == "error: rank 1 fell over: second line"
 

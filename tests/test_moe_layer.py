@@ -5,13 +5,12 @@ and the configuration errors."""
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from moebench import moe_layer as ml
+from moebench.benches import moe_layer as ml
 from moebench import results, routing
 from moebench.app import run_job
 from moebench.check import Mismatch, assert_close
-from moebench.config import CONF_DIR, ConfigError, resolve
+from moebench.config import ConfigError, compose, resolve
 from moebench.impls.torch_impl import TorchImpl
 
 FAST = ["timing.warmup=1", "timing.repeats=2"]
@@ -19,8 +18,7 @@ SMALL = ["shape=tiny", "tokens=128", "hidden=64", "intermediate=96", "experts=8"
 
 
 def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["bench=moe_layer", *overrides])
+    return compose(["bench=moe_layer", *overrides])
 
 
 def run(tmp, *overrides):
@@ -202,10 +200,10 @@ def test_a_wrong_gemm_is_a_mismatch_row_and_never_timed(tmp_path, monkeypatch):
 
 def test_fp32_reference_auto_on_small_shapes_only():
     job = resolve(cfg_of("shape=tiny"))
-    s = ml.settings_of(cfg_of("shape=tiny"), job)
+    s = ml.settings_of(job)
     assert s.intermediate == 512 and ml.fp32_reference_enabled(s, job)
     big = resolve(cfg_of("shape=deepseek_v3", "device=cpu"))
-    sb = ml.settings_of(cfg_of("shape=deepseek_v3", "device=cpu"), big)
+    sb = ml.settings_of(big)
     assert sb.intermediate == 2048 and not ml.fp32_reference_enabled(sb, big)
 
 
@@ -215,13 +213,12 @@ def test_fp32_reference_auto_on_small_shapes_only():
 def test_defaults_and_overrides_resolve():
     cfg = cfg_of()
     job = resolve(cfg)
-    s = ml.settings_of(cfg, job)
+    s = ml.settings_of(job)
     assert job.stages == ml.STAGES and job.shape == "tiny" and s.intermediate == 512
     assert (s.gemm, s.quack_tuned, s.fp32_reference) == ("grouped_mm", False, "auto")
     assert (job.timing.warmup, job.timing.repeats) == (3, 30)  # the bench's own defaults
     assert resolve(cfg_of("timing.repeats=7")).timing.repeats == 7
-    s = ml.settings_of(cfg_of("shape=qwen3_30b_a3b", "intermediate=1024", "bench.gemm=quack_varlen"),
-                       resolve(cfg_of("shape=qwen3_30b_a3b")))
+    s = ml.settings_of(resolve(cfg_of("shape=qwen3_30b_a3b", "intermediate=1024", "bench.gemm=quack_varlen")))
     assert (s.intermediate, s.gemm) == (1024, "quack_varlen")
 
 
@@ -231,12 +228,12 @@ def test_defaults_and_overrides_resolve():
     ("intermediate=-4", "intermediate=-4 is not accepted"),
     ("intermediate=1.5", "intermediate=1.5 is not accepted"),
     ("intermediate=null", "intermediate=None is not accepted with bench=moe_layer"),
-    ("bench.quack_tuned=sometimes", "bench.quack_tuned='sometimes' is not accepted; accepted: true, false"),
+    ("bench.quack_tuned=sometimes", "bench.quack_tuned=sometimes is not accepted; accepted: true, false"),
     ("bench.fp32_reference=maybe", "bench.fp32_reference='maybe' is not accepted; accepted: auto, true, false"),
     ("timing=rotated", "timing=rotated is not accepted with bench=moe_layer"),
 ])
 def test_config_errors_are_one_line(override, needle):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e:  # composing (types) or resolving (values, combinations)
         resolve(cfg_of("shape=tiny", override))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
@@ -269,16 +266,15 @@ def test_quack_config_names_round_trip(value, name):
 
 
 def test_quack_config_resolves_and_names_the_gemm_path():
-    s = ml.settings_of(cfg_of("shape=tiny", "bench.gemm=quack_varlen", "bench.quack_config=128x256_coop_c1x2"),
-                       resolve(cfg_of("shape=tiny")))
+    s = ml.settings_of(resolve(cfg_of("shape=tiny", "bench.gemm=quack_varlen", "bench.quack_config=128x256_coop_c1x2")))
     assert (s.gemm, s.quack_tuned, s.quack_config) == ("quack_varlen", False, "128x256_coop_c1x2")
     assert ml.make_gemm(s.gemm, s.quack_tuned, s.quack_config).label == "quack_varlen[128x256_coop_c1x2]"
     # a dict override (Hydra's {k:v} syntax) and the default (null)
-    s = ml.settings_of(cfg_of("shape=tiny", "bench.gemm=quack_gated",
-                              "bench.quack_config={tile_m:128,tile_n:256,pingpong:false,cluster_m:1,cluster_n:2}"),
-                       resolve(cfg_of("shape=tiny")))
+    s = ml.settings_of(resolve(cfg_of("shape=tiny", "bench.gemm=quack_gated",
+                                      "bench.quack_config={tile_m:128,tile_n:256,pingpong:false,cluster_m:1,"
+                                      "cluster_n:2}")))
     assert s.quack_config == "128x256_coop_c1x2"
-    assert ml.settings_of(cfg_of("shape=tiny"), resolve(cfg_of("shape=tiny"))).quack_config is None
+    assert ml.settings_of(resolve(cfg_of("shape=tiny"))).quack_config is None
     assert ml.make_gemm("quack_varlen").label == "quack_varlen"
     # the quack_* paths only: grouped_mm and loop ignore it (a sweep over bench.gemm keeps working)
     assert ml.make_gemm("grouped_mm", config="128x192_pp_c1x2").label == "grouped_mm"

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from moebench import routing
 from moebench.app import run_job
-from moebench.config import CONF_DIR
+from moebench.config import compose
 from moebench.impls.base import Unsupported
 from moebench.impls.compile_impl import STAGE_FUNCTIONS, CompileImpl
 from moebench.check import check_route
@@ -27,8 +26,7 @@ FAST = ["shape=tiny", "device=cpu", "timing.repeats=3", "timing.warmup=1"]
 
 
 def _run(tmp_path, overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides)
     return run_job(cfg, tmp_path)
 
 
@@ -36,8 +34,7 @@ def _run(tmp_path, overrides):
 
 
 def test_compile_config_instantiates():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["impl=compile"])
+    cfg = compose(["impl=compile"])
     im = instantiate(cfg.impl)
     assert isinstance(im, CompileImpl) and im.name == "compile"
     assert im.fullgraph is True and im.dynamic is False and im.backend == "inductor"
@@ -86,8 +83,7 @@ def test_compile_falls_back_to_graph_breaks(monkeypatch):
 
 
 def test_quack_config_instantiates_without_gpu():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["impl=quack"])
+    cfg = compose(["impl=quack"])
     im = instantiate(cfg.impl)
     assert isinstance(im, QuackImpl) and im.name == "quack" and im.devices == ("cuda",)
     assert im.exact_ties is False

@@ -8,19 +8,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench import results
-from moebench.app import run_job
-from moebench.config import CONF_DIR, ConfigError, options, resolve
+from moebench.app import JobFailed, run_job
+from moebench.config import ConfigError, compose, options, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["timing.warmup=1", "timing.repeats=3"]
 
 
 def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 def run(*overrides, tmp):
@@ -31,13 +29,15 @@ GROUPS = ["bench", "impl", "shape", "router", "logits", "capacity", "timing"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_group_option_composes_and_resolves(group):
+def test_every_group_option_composes_and_resolves(group, tmp_path):
     opts = options(group)
     assert opts, group
+    trace = tmp_path / "trace.pt"
+    torch.save(torch.randn(16, 8), trace)
     for opt in opts:
         extra = []
         if group == "logits" and opt == "from_file":
-            extra = ["logits.path=/nonexistent.pt"]
+            extra = [f"logits.path={trace}"]
         if group == "bench" and opt == "capacity":
             extra = []
         cfg = cfg_of(f"{group}={opt}", *extra)
@@ -124,7 +124,9 @@ def test_gpu_only_impl_is_unsupported_on_cpu_not_replaced(tmp_path):
                                              ("SwapsExperts", "route", "expert ids")])
 def test_wrong_result_is_a_mismatch_row_and_not_timed(tmp_path, impl, stage, what):
     bench = {"pack": "pack", "route": "topk"}[stage]
-    df = run(f"bench={bench}", f"impl._target_=fake_impls.{impl}", f"impl.name={impl}", tmp=tmp_path)
+    with pytest.raises(JobFailed, match=f"every row of bench={bench} failed"):
+        run(f"bench={bench}", f"impl._target_=fake_impls.{impl}", f"impl.name={impl}", tmp=tmp_path)
+    df = results.load(tmp_path)
     assert df.status.tolist() == ["mismatch"], df.message.tolist()
     assert what in df.message[0] and df.message[0].startswith("mismatch: ")
     assert df.time_us_median.isna().all()
@@ -164,11 +166,44 @@ def test_multirun_writes_one_table_per_job_and_load_reads_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_failing_job_does_not_stop_the_others(tmp_path):
+def test_multirun_with_a_bad_point_runs_nothing(tmp_path):
+    """Every point of a sweep is checked before the first job measures anything."""
     p = _run_py("-m", "topk=2,9", "shape=tiny", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moebench: error: topk=9 is not accepted with experts=8")
+    assert "(sweep job: topk=9 " in lines[0]
+    assert not list(tmp_path.rglob("results.parquet"))
+
+
+def _run_py_fakes(*args, timeout=300):
+    """run.py with the deliberately wrong implementations of tests/fake_impls.py importable."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_a_job_whose_rows_all_fail_writes_its_table_and_exits_nonzero(tmp_path):
+    p = _run_py_fakes("bench=pack", "impl._target_=fake_impls.SkipsLastRow", "impl.name=skips",
+                      f"hydra.run.dir={tmp_path}", *FAST)
+    assert p.returncode == 1, p.stderr
+    assert "moebench: every row of bench=pack failed (mismatch)" in p.stderr
+    df = results.load(tmp_path)
+    assert df.status.tolist() == ["mismatch"] and df.time_us_median.isna().all()
+
+
+@pytest.mark.slow
+def test_multirun_failing_job_does_not_stop_the_others(tmp_path):
+    p = _run_py_fakes("-m", "bench=pack,combine", "impl._target_=fake_impls.SkipsLastRow", "impl.name=skips",
+                      f"hydra.sweep.dir={tmp_path}", *FAST)
     assert p.returncode != 0
-    assert "topk=9 is not accepted" in p.stderr
-    assert [f.parent.name for f in tmp_path.rglob("results.parquet")] == ["0"]
+    assert "every row of bench=pack failed (mismatch)" in p.stderr
+    df = results.load(tmp_path)  # both tables: the failed job's and the one after it
+    assert sorted(df.bench) == ["combine", "pack"]
+    assert df.set_index("bench").status.to_dict() == {"pack": "mismatch", "combine": "ok"}
 
 
 BAD = [
@@ -185,6 +220,20 @@ BAD = [
     (["capacity.drop_policy=random", "capacity.cf=1"], "capacity.drop_policy='random' is not accepted"),
     (["timing.mode=ncu"], "timing.mode='ncu' is not accepted"),
     (["impl_pack=nope"], "impl_pack='nope' is not accepted"),
+    # unknown keys, wrong types and out-of-range values of the typed configs (moebench/config.py)
+    (["+unknown_key=1"], "unknown_key=1 is not a moebench option; accepted: impl, router, logits,"),
+    (["impl=cute", "impl.threads=100"], "impl.threads=100 is not accepted; accepted: 128, 256, 512, 1024"),
+    (["impl=compile", "impl.mode=fast"], "impl.mode='fast' is not accepted; accepted: default, reduce-overhead,"),
+    (["logits=zipf", "logits.alpha=-2"], "logits.alpha=-2 is not accepted; a number >= 0"),
+    (["timing.repeats=0"], "timing.repeats=0 is not accepted; an integer >= 1"),
+    (["timing.warmup=x"], "timing.warmup=x is not accepted; an integer"),
+    (["+bench.foo=1"], "bench.foo=1 is not a moebench option of bench=routing; accepted: name, weighted"),
+    (["impl.threads=256"], "impl.threads=256 is not an option of impl=torch; accepted: _target_, name"),
+    (["router=softmax_topk", "router.temperature=2"],
+     "router.temperature=2 is not an option of router=softmax_topk; accepted: name, renormalize"),
+    (["bench=moe_layer", "bench.quack_tuned=maybe"], "bench.quack_tuned=maybe is not accepted; accepted: true, false"),
+    (["world_size=2"], "world_size=2 is not accepted with bench=routing"),
+    (["logits=from_file", "logits.path=/no/such/trace.pt"], "logits.path='/no/such/trace.pt' is not a file"),
 ]
 
 
@@ -225,13 +274,13 @@ def test_capacity_strict_bytes_count_only_tokens_that_are_read(tmp_path):
 
 
 def test_rotated_calls_read_their_own_input_copies_and_restore_the_inputs():
-    from moebench.harness import STAGE_INPUTS, make_inputs, rotated_calls
+    from moebench.benches.stages import PACK, make_inputs, rotated_calls
     from moebench.timing import ROTATE_BYTES, rotations
 
     inp = make_inputs(resolve(cfg_of("shape=tiny", "tokens=64")))
     orig = (inp.logits, inp.x, inp.meta)
     seen = []
-    calls = rotated_calls(lambda: seen.append((inp.logits, inp.x, inp.meta)), inp, STAGE_INPUTS["pack"])
+    calls = rotated_calls(lambda: seen.append((inp.logits, inp.x, inp.meta)), inp, PACK.reads)
     assert len(calls) == rotations(inp.x.numel() * inp.x.element_size()
                                    + sum(t.numel() * t.element_size() for t in
                                          (inp.meta.counts, inp.meta.offsets, inp.meta.gather_idx,

@@ -1,21 +1,41 @@
-"""The interface every implementation (torch, compile, quack, cute) exposes.
+"""The interface every implementation (torch, compile, quack, cute) exposes, and the
+schema of its configuration (``conf/impl/*.yaml``).
 
 A stage an implementation lacks, or a case (device, dtype, shape) it cannot handle,
-raises :class:`Unsupported` with the reason; the harness turns it into an
-``unsupported`` row. Implementations never fall back to another implementation.
+raises :class:`Unsupported` with the reason; the bench turns it into an ``unsupported``
+row. Implementations never fall back to another implementation.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+from omegaconf import MISSING
+
+from moebench.errors import ConfigError, Unsupported
 from moebench.routing import CapacitySpec, RouterSpec, RoutingMetadata
+
+__all__ = ["STAGES", "Impl", "ImplConfig", "Unsupported", "accepted"]
 
 STAGES = ("route", "metadata", "pack", "combine")
 
 
-class Unsupported(Exception):
-    """This implementation cannot run this case; the message is the reason."""
+def accepted(key: str, value, options) -> None:
+    """A one-line ConfigError unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not accepted; accepted: {', '.join(map(str, options))}")
+
+
+@dataclass
+class ImplConfig:
+    """The schema of an implementation's config: the class that implements the stages
+    (``_target_``, instantiated with the other fields as keyword arguments) and its name.
+    Implementations with options subclass it; ``__post_init__`` checks their values (it runs
+    when the job is resolved, before anything is measured)."""
+
+    _target_: str = MISSING
+    name: str = MISSING
 
 
 class Impl:

@@ -27,11 +27,13 @@ wide dynamo settings; they only make dynamo stricter or roomier, not different.)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from moebench import routing
-from moebench.impls.base import Impl
+from moebench.errors import ConfigError
+from moebench.impls.base import Impl, ImplConfig, accepted
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,28 @@ STAGE_FUNCTIONS = {
     "pack": routing.pack,
     "combine": routing.combine,
 }
+
+
+#: torch.compile's modes (``default`` = torch's default, no mode argument)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileConfig(ImplConfig):
+    _target_: str = "moebench.impls.compile_impl.CompileImpl"
+    name: str = "compile"
+    mode: str = "default"
+    dynamic: bool | None = False
+    fullgraph: bool = True
+    backend: str = "inductor"
+    recompile_limit: int = 64
+
+    def __post_init__(self):
+        accepted("impl.mode", self.mode, MODES)
+        if self.recompile_limit < 1:
+            raise ConfigError(f"impl.recompile_limit={self.recompile_limit} is not accepted; an integer >= 1")
+        if not self.backend:
+            raise ConfigError("impl.backend='' is not accepted; a torch.compile backend, e.g. inductor")
 
 
 def _graph_break_errors() -> tuple[type[BaseException], ...]:

@@ -31,18 +31,65 @@ from __future__ import annotations
 
 import torch
 
-from moebench.impls.base import Impl, Unsupported
+from dataclasses import dataclass
+from typing import Any
+
+from moebench.errors import ConfigError
+from moebench.impls.base import Impl, ImplConfig, Unsupported, accepted
 from moebench.routing import CapacitySpec, RouterSpec, RoutingMetadata
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PACK_MODES = ("auto", "gather", "scatter")
 CACHE_HINTS = ("none", "stream")
-SCATTER_PER_SLOT = ("auto", True, False)
 #: the kernels unroll over a token's slots up to this many
 MAX_SLOTS = 16
 #: H granularity: a 16-byte vector of bf16 / fp16 (two of fp32)
 H_MULTIPLE = 8
 INT32_MAX = 2**31 - 1
+
+
+THREADS = (128, 256, 512, 1024)
+ROUTER_MAX_PER_LANE = (8, 16, 32)
+
+
+@dataclass
+class CuteConfig(ImplConfig):
+    _target_: str = "moebench.impls.cute_impl.CuteImpl"
+    name: str = "cute"
+    pack_mode: str = "auto"
+    scatter_per_slot: Any = "auto"
+    threads: int = 256
+    cache_hint: str = "none"
+    #: rows one row group of pack / combine walks (0: each kernel's default)
+    max_iters: int = 0
+    #: the route kernel: threads per CTA, most experts a lane holds, prefetch of the next row
+    router_threads: int = 512
+    router_max_per_lane: int = 32
+    router_prefetch: bool = True
+
+    def __post_init__(self):
+        accepted("impl.pack_mode", self.pack_mode, PACK_MODES)
+        accepted("impl.cache_hint", self.cache_hint, CACHE_HINTS)
+        accepted("impl.threads", self.threads, THREADS)
+        v = self.scatter_per_slot
+        if not (v == "auto" or isinstance(v, bool)):
+            raise ConfigError(f"impl.scatter_per_slot={v!r} is not accepted; accepted: auto, true, false")
+        if isinstance(self.max_iters, bool) or not 0 <= self.max_iters <= 64:
+            raise ConfigError(f"impl.max_iters={self.max_iters!r} is not accepted; an integer in 0..64 (0: the "
+                              "kernel's default)")
+        accepted("impl.router_threads", self.router_threads, THREADS)
+        accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
+
+    @property
+    def tune(self) -> dict:
+        """The pack / combine kernels' tuning keywords."""
+        return {"threads": self.threads, "hint": self.cache_hint, **({"max_iters": self.max_iters}
+                                                                    if self.max_iters else {})}
+
+    @property
+    def router_tune(self) -> dict:
+        return {"threads": self.router_threads, "max_per_lane": self.router_max_per_lane,
+                "prefetch": self.router_prefetch}
 
 
 def _kernels():
@@ -69,43 +116,13 @@ _HIST_ATTR = "_moebench_route_hist"
 
 
 def router_static(router: RouterSpec, k: int, E: int, has_bias: bool) -> dict:
-    """The router kernel's static configuration for a reference router, or Unsupported."""
-    n = router.name
-    if n in ("hash", "expert_choice"):
-        raise Unsupported(f"router={n} is not a per-token top-k; impl=cute routes softmax_topk, top1, "
-                          "topk_softmax, topk_hard, sigmoid_bias and group_limited")
+    """The router kernel's static configuration for a reference router (its semantics object
+    says how the kernel computes it, ``Router.cute``), or Unsupported."""
+    static = router.router.cute(E, has_bias)
     if E > MAX_EXPERTS:
         raise Unsupported(f"experts={E}: the router kernel holds at most {MAX_EXPERTS} experts per token")
     if k > MAX_TOPK:
         raise Unsupported(f"topk={k}: the router kernel unrolls at most {MAX_TOPK} slots")
-    if n in ("softmax_topk", "top1"):
-        return dict(score="logit", weight="prob", renormalize=n == "softmax_topk" and router.renormalize)
-    if n == "topk_softmax":
-        return dict(score="logit", weight="softmax_k" if router.normalize == "softmax" else "sum_k",
-                    temperature=router.temperature)
-    if n == "topk_hard":
-        return dict(score="logit", weight="one")
-    grouped = n == "group_limited" and router.n_group > 1
-    static = dict(renormalize=True, scaling=router.scaling)
-    if router.score == "sigmoid":
-        static.update(score="sigmoid", weight="score", has_bias=has_bias)
-    else:
-        # selection on softmax probabilities equals selection on the logits only while the
-        # scores are compared as they are: a bias or a sum of two probabilities compares
-        # fp32 softmax values, whose last bit depends on torch's summation order
-        if has_bias:
-            raise Unsupported(f"router={n} with score=softmax and a bias selects on softmax + bias, which "
-                              "the kernel cannot reproduce bit for bit (use router.bias_std=0 or score=sigmoid)")
-        if grouped and router.group_score == "top2_sum":
-            raise Unsupported(f"router={n} with score=softmax ranks groups by a sum of two softmax values, which "
-                              "the kernel cannot reproduce bit for bit (use router.group_score=max or score=sigmoid)")
-        static.update(score="logit", weight="prob")
-    if grouped:
-        gs = E // router.n_group
-        if gs > 32:
-            raise Unsupported(f"group_limited: groups of {gs} experts; the kernel keeps a group in one lane "
-                              "(at most 32 experts per group)")
-        static.update(n_group=router.n_group, topk_group=router.topk_group, group_score=router.group_score)
     return static
 
 
@@ -113,21 +130,13 @@ class CuteImpl(Impl):
     name = "cute"
     devices = ("cuda",)
 
-    def __init__(self, name: str | None = None, pack_mode: str = "auto", scatter_per_slot="auto",
-                 threads: int = 256, cache_hint: str = "none", **options):
-        super().__init__(name, pack_mode=pack_mode, scatter_per_slot=scatter_per_slot, threads=threads,
-                         cache_hint=cache_hint, **options)
-        if pack_mode not in PACK_MODES:
-            raise ValueError(f"impl.pack_mode={pack_mode!r}; accepted: {', '.join(PACK_MODES)}")
-        if cache_hint not in CACHE_HINTS:
-            raise ValueError(f"impl.cache_hint={cache_hint!r}; accepted: {', '.join(CACHE_HINTS)}")
-        if threads not in (128, 256, 512, 1024):
-            raise ValueError(f"impl.threads={threads!r}; accepted: 128, 256, 512, 1024")
-        if scatter_per_slot not in SCATTER_PER_SLOT:
-            raise ValueError(f"impl.scatter_per_slot={scatter_per_slot!r}; accepted: auto, true, false")
-        self.pack_mode = pack_mode
-        self.scatter_per_slot = None if scatter_per_slot == "auto" else scatter_per_slot
-        self.tune = {"threads": threads, "hint": cache_hint}
+    def __init__(self, name: str | None = None, **options):
+        super().__init__(name, **options)
+        config = CuteConfig(name=self.name, **options)  # the same checks as the resolved config
+        self.pack_mode = config.pack_mode
+        self.scatter_per_slot = None if config.scatter_per_slot == "auto" else config.scatter_per_slot
+        self.tune = config.tune
+        self.router_tune = config.router_tune
 
     # -- checks ----------------------------------------------------------------------------
     def _check_rows(self, t: torch.Tensor, what: str) -> None:
@@ -170,7 +179,7 @@ class CuteImpl(Impl):
         if router.name == "top1":
             k = 1
         krouter, _ = _routing_kernels()
-        ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static)
+        ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static, **self.router_tune)
         setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
         return ids, weights
 

@@ -42,18 +42,13 @@ What quack's top-k does (quack-kernels 0.6.5, ``quack/topk.py``)
 
 Routers
 -------
-Top-k selection is done on the logits for every supported router; this selects the same
-experts as the reference because its selection score is a monotone function of the logit
-within a row (softmax, sigmoid, identity):
-* ``softmax_topk`` (+ ``renormalize``), ``top1``: weights = fp32 softmax of the row,
-  gathered at the selected experts (and renormalised like the reference).
-* ``topk_softmax``: weights = softmax (or sum-normalisation) of the selected logits in
-  fp32, divided by the temperature, exactly the reference's expression.
-* ``topk_hard``: unit weights.
-* ``sigmoid_bias`` *without* a bias (``bias_std: 0``, so the harness passes none): weights = normalised
-  sigmoid (or softmax) scores of the selected experts times ``scaling``.
-Unsupported, with the reason: ``sigmoid_bias`` with a bias, ``group_limited``, ``hash``,
-``expert_choice``, and shapes/dtypes outside quack's constraints.
+Top-k selection is done on the logits for every router whose semantics object says quack
+can select like the reference (``Router.quack``: softmax_topk, top1, topk_softmax,
+topk_hard, sigmoid_bias without a bias); this selects the same experts as the reference
+because the selection score is a monotone function of the logit within a row. The weights
+are the router's reference formula (``Router.weights``) on the experts quack chose, in fp32.
+Unsupported, with the reason: the other routers and options, and shapes/dtypes outside
+quack's constraints.
 """
 
 from __future__ import annotations
@@ -62,23 +57,13 @@ import math
 
 import torch
 
+from dataclasses import dataclass
+
 from moebench import routing
-from moebench.impls.base import Impl, Unsupported
+from moebench.impls.base import Impl, ImplConfig, Unsupported
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: routers this implementation routes, and why the others are not
-ROUTERS = ("softmax_topk", "top1", "topk_softmax", "topk_hard", "sigmoid_bias")
-NOT_ROUTED = {
-    "group_limited": "group-limited selection (top groups, then a top-k masked to them) is not one "
-                     "per-token top-k, and its selection scores sigmoid(x)+bias are fp32, which quack's "
-                     "top-k truncates",
-    "hash": "router=hash selects no top-k (a fixed hash of the token position)",
-    "expert_choice": "router=expert_choice is a top-C per expert over the tokens, not a per-token top-k",
-}
-BIASED = ("the selection scores sigmoid(x)+bias are fp32 and quack's top-k drops their low log2(E) "
-          "mantissa bits: near-ties then pick other experts than the reference, whose (unbiased) gate "
-          "weights differ by the bias difference; use bias_std=0")
 NOT_INSTALLED = "quack-kernels is not installed (pip install -e .[quack])"
 
 MAX_EXPERTS = 4096
@@ -97,12 +82,11 @@ def row_divisibility(dtype: torch.dtype, experts: int) -> int:
 
 def unsupported_reason(experts: int, topk: int, dtype: torch.dtype, router: routing.RouterSpec,
                        bias: torch.Tensor | None = None) -> str | None:
-    """Why impl=quack cannot route this case, or None when it can (device aside)."""
-    if router.name not in ROUTERS:
-        why = NOT_ROUTED.get(router.name, "no top-k selection to hand to quack")
-        return f"impl=quack has no route for router={router.name}: {why}"
-    if router.name == "sigmoid_bias" and bias is not None:
-        return f"impl=quack routes router=sigmoid_bias only without a bias: {BIASED}"
+    """Why impl=quack cannot route this case, or None when it can (device aside): the router's
+    own verdict (``Router.quack``), then quack's shape and dtype constraints."""
+    why = router.router.quack(dtype, bias is not None)
+    if why:
+        return why
     if dtype not in DTYPES:
         return f"quack's top-k takes float16, bfloat16 or float32 logits (dtype={dtype})"
     if not _pow2(experts) or experts > MAX_EXPERTS:
@@ -114,10 +98,6 @@ def unsupported_reason(experts: int, topk: int, dtype: torch.dtype, router: rout
     k = 1 if router.name == "top1" else topk
     if not _pow2(k) or k > MAX_TOPK:
         return f"quack's top-k needs k to be a power of two <= {MAX_TOPK} (topk={k})"
-    if router.name == "topk_softmax" and router.normalize == "sum" and dtype == torch.float32:
-        return ("impl=quack routes topk_softmax normalize=sum only for 16-bit logits: fp32 logits lose their "
-                "low log2(E) mantissa bits in quack's top-k, and a sum-normalised weight is not bounded "
-                "under the resulting near-tie swaps")
     return None
 
 
@@ -153,6 +133,12 @@ def emulate_topk_fwd(x: torch.Tensor, k: int, softmax: bool, values: torch.Tenso
     values.copy_((top.view(torch.int32) & ~mask).view(torch.float32).to(values.dtype))
 
 
+@dataclass
+class QuackConfig(ImplConfig):
+    _target_: str = "moebench.impls.quack_impl.QuackImpl"
+    name: str = "quack"
+
+
 class QuackImpl(Impl):
     name = "quack"
     devices = ("cuda",)
@@ -162,7 +148,6 @@ class QuackImpl(Impl):
     def __init__(self, name: str | None = None, **options):
         super().__init__(name, **options)
         self._topk_fwd = None
-        self._gather_int32 = None  # does torch.gather take int32 indices here? (decided once)
         self._last = None  # (logits, router) of the last route call, for route_tolerance
         self._decode_q: dict = {}
 
@@ -180,17 +165,6 @@ class QuackImpl(Impl):
                 raise Unsupported(f"quack-kernels could not be imported: {type(e).__name__}: {e}") from None
             self._topk_fwd = _topk_fwd
         return self._topk_fwd
-
-    def _gather(self, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``src.gather(1, idx)`` with int32 ``idx`` where torch takes it (saves a cast)."""
-        if self._gather_int32 is None:
-            try:
-                out = src.gather(1, idx)
-                self._gather_int32 = True
-                return out
-            except RuntimeError:
-                self._gather_int32 = False
-        return src.gather(1, idx if self._gather_int32 else idx.long())
 
     def _decode_repair(self, topk_fwd, E: int, k: int, dtype: torch.dtype, device) -> torch.Tensor | None:
         """The positions q(p) to repair quack's index decode with (module docstring), or None
@@ -252,26 +226,9 @@ class QuackImpl(Impl):
             neg = torch.signbit(vals)
             ids = torch.where(neg != neg[:, qt], (E - 1) - ids, ids)
         self._last = (logits, router)
-
-        n = router.name
-        exact_vals = x.dtype != torch.float32  # 16-bit values come back exact, fp32 truncated
-        if n == "topk_hard":
-            return ids, torch.ones(T, k, dtype=torch.float32, device=x.device)
-        if n == "topk_softmax":
-            v = vals.float() if exact_vals else self._gather(x, ids).float()
-            return ids, routing.topk_softmax_weights(v, router.temperature, router.normalize)
-        if n in ("softmax_topk", "top1"):
-            w = self._gather(torch.softmax(x, dim=-1, dtype=torch.float32), ids)
-            if n == "softmax_topk" and router.renormalize:
-                w = routing._normalize(w)
-            return ids, w
-        if n == "sigmoid_bias":
-            if router.score == "sigmoid":
-                s = torch.sigmoid(self._gather(x, ids).float())
-            else:
-                s = self._gather(torch.softmax(x, dim=-1, dtype=torch.float32), ids)
-            return ids, routing._normalize(s) * router.scaling
-        raise AssertionError(n)  # unsupported_reason covers every other router
+        # the weights: the router's reference formula on the experts quack chose, in fp32 from the
+        # exact logits (quack's own fp32 values are truncated; its fused softmax is approximate)
+        return ids, router.router.weights(x, ids, bias)
 
     # -- the check's tolerance ------------------------------------------------------------------
     def route_tolerance(self, dtype: torch.dtype, logits: torch.Tensor | None = None,

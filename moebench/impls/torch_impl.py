@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moebench import routing
-from moebench.impls.base import Impl
+from moebench.impls.base import Impl, ImplConfig
+
+
+@dataclass
+class TorchConfig(ImplConfig):
+    _target_: str = "moebench.impls.torch_impl.TorchImpl"
+    name: str = "torch"
 
 
 class TorchImpl(Impl):

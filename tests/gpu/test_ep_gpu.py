@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from moebench import ep
+from moebench.benches import ep_dispatch as ep
 from moebench.app import run_job
-from moebench.config import CONF_DIR, ConfigError
+from moebench.config import ConfigError, compose
 from moebench.routing import CapacitySpec
 
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -20,8 +19,7 @@ WORLD_SIZES = sorted({2, min(4, N_GPUS)} if N_GPUS >= 2 else {2})
 
 
 def cfg_of(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["bench=ep_dispatch", *overrides])
+    return compose(["bench=ep_dispatch", *overrides])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -4,13 +4,12 @@ without a capacity, inside the job and directly; CUDA-graph timing (run with `py
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from moebench import moe_layer as ml
+from moebench.benches import moe_layer as ml
 from moebench import routing
 from moebench.app import run_job
 from moebench.check import assert_close
-from moebench.config import CONF_DIR
+from moebench.config import compose
 
 pytestmark = pytest.mark.gpu
 
@@ -27,8 +26,7 @@ def _skip_if_gated_epilogue_unavailable(message):
 
 
 def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["bench=moe_layer", *MID, *overrides])
+    cfg = compose(["bench=moe_layer", *MID, *overrides])
     return run_job(cfg, tmp_path).set_index("stage")
 
 

@@ -8,12 +8,11 @@ import itertools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench import routing
 from moebench.app import run_job
 from moebench.check import check_route
-from moebench.config import CONF_DIR
+from moebench.config import compose
 from moebench.impls.base import Unsupported
 from moebench.impls.compile_impl import CompileImpl
 from moebench.impls.quack_impl import QuackImpl, emulate_topk_fwd, row_divisibility, unsupported_reason
@@ -190,8 +189,7 @@ def test_quack_unsupported_on_gpu(quack):
 
 
 def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["device=cuda", "timing.repeats=5", "timing.warmup=2", *overrides])
+    cfg = compose(["device=cuda", "timing.repeats=5", "timing.warmup=2", *overrides])
     return run_job(cfg, tmp_path).set_index("stage")
 
 

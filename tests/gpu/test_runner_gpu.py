@@ -1,17 +1,15 @@
 """The runner on a GPU: both timing modes produce checked, timed rows with a same-job copy."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from moebench.app import run_job
-from moebench.config import CONF_DIR
+from moebench.config import compose
 
 pytestmark = pytest.mark.gpu
 
 
 def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["tokens=4096", "timing.repeats=20", *overrides])
+    cfg = compose(["tokens=4096", "timing.repeats=20", *overrides])
     return run_job(cfg, tmp_path)
 
 

@@ -1,0 +1,310 @@
+"""The routing stages (route, metadata, route_metadata, pack, combine, and a chain of them,
+``total``), each in one place: the implementations that run it, the inputs it reads, its strict
+bytes and the call it times with its check. The topk, pack, combine, routing, capacity and
+router benches are lists of these stages (:class:`StagesBench`); moe_layer measures its routing
+rows with them too.
+
+Strict bytes follow the seed's conventions for dropless routing: pack ``(1 + k)·H·b`` per
+token, combine ``(k + 1)·H·b``, pack + combine ``(2 + 2k)·H·b``; top-k = logits read + ids and
+fp32 weights written; with a capacity, pack reads the tokens with a kept slot once and writes
+every packed row (zero rows too), and combine reads the kept rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from hydra.utils import instantiate
+
+from moebench import routing
+from moebench.benches.base import Bench, Call, Case
+from moebench.check import assert_close, assert_equal, check_metadata, check_route, poison, poison_free_blocks
+from moebench.errors import Unsupported
+from moebench.impls.base import Impl
+from moebench.job import JobSpec
+from moebench.logits import make_logits
+from moebench.metrics import routing_metrics
+from moebench.timing import rotations
+
+
+@dataclass
+class Inputs:
+    """One job's seeded inputs and the reference results every stage is checked against."""
+
+    logits: torch.Tensor
+    bias: torch.Tensor | None
+    ids: torch.Tensor
+    weights: torch.Tensor
+    meta: routing.RoutingMetadata
+    num_rows: int
+    x: torch.Tensor
+    y: torch.Tensor
+    ref_packed: torch.Tensor
+    ref_combined: torch.Tensor
+    ref_total: torch.Tensor
+
+
+def make_inputs(job: JobSpec) -> Inputs:
+    T, E, k, H, dev, dt = job.tokens, job.experts, job.topk, job.hidden, job.device, job.dtype
+    lg = {key: v for key, v in job.logits.items() if key != "kind"}
+    logits = make_logits(job.logits["kind"], T, E, seed=job.seed, dtype=dt, device=dev, **lg)
+    bias = job.router.expert_bias(E, dev, job.seed)
+    ids, w = routing.route(logits, k, job.router, bias)
+    num_rows = job.router.num_rows(T, k, E)
+    meta = routing.build_metadata(ids, w, E, job.capacity, num_rows)
+    g = torch.Generator(device=dev).manual_seed(job.seed + 1)
+    x = torch.randn(T, H, generator=g, device=dev, dtype=torch.float32).to(dt)
+    y = torch.randn(meta.num_rows, H, generator=g, device=dev, dtype=torch.float32).to(dt)
+    packed = routing.pack(x, meta)
+    return Inputs(logits, bias, ids, w, meta, num_rows, x, y, packed,
+                  routing.combine(y, meta, weighted=job.weighted),
+                  routing.combine(packed, meta, weighted=job.weighted))
+
+
+# -- timing=rotated: the same call on copies of the inputs it reads ----------------------
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    return dataclasses.replace(v, **{f.name: getattr(v, f.name).clone() for f in dataclasses.fields(v)
+                                     if isinstance(getattr(v, f.name), torch.Tensor)})
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    return sum(_nbytes(getattr(v, f.name)) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor))
+
+
+def rotated_calls(fn, inp: Inputs, fields) -> list:
+    """``fn`` on ``rotations()`` copies of the ``inp`` fields it reads: call ``i`` swaps copy
+    ``i`` into ``inp`` while it runs (the stage callables read ``inp`` at call time, so a
+    graph captured over these calls reads a different buffer in each)."""
+    fields = [f for f in fields if getattr(inp, f) is not None]
+    n = rotations(sum(_nbytes(getattr(inp, f)) for f in fields))
+    copies = [{f: _clone(getattr(inp, f)) for f in fields} for _ in range(n)]
+
+    def on(copy):
+        def call():
+            saved = {f: getattr(inp, f) for f in fields}
+            for f, v in copy.items():
+                setattr(inp, f, v)
+            try:
+                return fn()
+            finally:
+                for f, v in saved.items():
+                    setattr(inp, f, v)
+        return call
+
+    return [on(c) for c in copies]
+
+
+def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
+    return [meta.counts, meta.offsets, meta.gather_idx, meta.scatter_idx, meta.weights, meta.routed_counts]
+
+
+# -- the stages --------------------------------------------------------------------------
+
+class Stage:
+    """One routing stage. ``parts``: the per-stage implementations (``impl_<part>``) that run
+    it; ``reads``: the Inputs fields its call reads."""
+
+    name: ClassVar[str] = ""
+    parts: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+
+    def label(self, job: JobSpec) -> str:
+        if len(self.parts) == 1:
+            return job.stage_impls[self.parts[0]]
+        return ",".join(f"{p}={job.stage_impls[p]}" for p in self.parts)
+
+    def strict_bytes(self, job: JobSpec, inp: Inputs) -> int:
+        raise NotImplementedError
+
+    def call(self, job: JobSpec, impls: dict[str, Impl], inp: Inputs) -> Call:
+        raise NotImplementedError
+
+
+def _byte_width(job: JobSpec) -> int:
+    return torch.finfo(job.dtype).bits // 8
+
+
+class Route(Stage):
+    name, parts, reads = "route", ("route",), ("logits", "bias")
+
+    def strict_bytes(self, job, inp):
+        return job.tokens * job.experts * _byte_width(job) + job.tokens * inp.ids.shape[1] * (4 + 4)
+
+    def call(self, job, impls, inp):
+        im = impls["route"]
+        dev, T, S = job.device, job.tokens, inp.ids.shape[1]
+        out = (torch.empty(T, S, dtype=torch.int32, device=dev), torch.empty(T, S, dtype=torch.float32, device=dev))
+
+        def check(got):
+            sel = None if im.exact_ties else routing.selection_scores(inp.logits, job.router, inp.bias)
+            if not im.exact_ties and sel is None:
+                raise Unsupported(f"impl={im.name} does not resolve ties like the reference for router={job.router.name}")
+            tol = getattr(im, "route_tolerance", None)
+            check_route(got, (inp.ids, inp.weights), selection=sel, exact_ties=im.exact_ties,
+                        **(tol(job.dtype, logits=inp.logits, router=job.router) if tol else {}))
+
+        return Call(lambda: im.route(inp.logits, job.topk, job.router, inp.bias, out=out), check,
+                    lambda: [poison(t) for t in out])
+
+
+class Metadata(Stage):
+    name, parts, reads = "metadata", ("metadata",), ("ids", "weights")
+
+    def strict_bytes(self, job, inp):
+        TS, R = job.tokens * inp.ids.shape[1], inp.meta.num_rows
+        return TS * (4 + 4) + R * 4 + TS * (4 + 4) + (2 * job.experts + 1) * 4
+
+    def call(self, job, impls, inp):
+        im = impls["metadata"]
+        return Call(lambda: im.metadata(inp.ids, inp.weights, job.experts, job.capacity, inp.num_rows),
+                    lambda got: check_metadata(got, inp.meta), lambda: poison_free_blocks(_meta_tensors(inp.meta)))
+
+
+class RouteMetadata(Stage):
+    """Logits to full routing metadata: the route's ids and weights straight into the metadata build."""
+
+    name, parts, reads = "route_metadata", ("route", "metadata"), ("logits", "bias")
+
+    def strict_bytes(self, job, inp):  # logits read; scatter, gate weights, gather, counts, offsets written
+        TS = job.tokens * inp.ids.shape[1]
+        return (job.tokens * job.experts * _byte_width(job) + TS * (4 + 4) + inp.meta.num_rows * 4
+                + (2 * job.experts + 1) * 4)
+
+    def call(self, job, impls, inp):
+        r_im, m_im = impls["route"], impls["metadata"]
+        E, k = job.experts, job.topk
+
+        def fn():
+            ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
+            return m_im.metadata(ids, w, E, job.capacity, inp.num_rows)
+
+        def check(got):
+            ref = inp.meta
+            if not r_im.exact_ties:  # another expert among equal scores: the reference on its ids
+                ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
+                ref = routing.build_metadata(ids.contiguous().to(torch.int32), w.contiguous().float(), E,
+                                             job.capacity, inp.num_rows)
+            check_metadata(got, ref)
+
+        return Call(fn, check, lambda: poison_free_blocks(_meta_tensors(inp.meta)))
+
+
+class Pack(Stage):
+    name, parts, reads = "pack", ("pack",), ("x", "meta")
+
+    def strict_bytes(self, job, inp):  # tokens with a kept slot read once, every packed row written (zeros too)
+        kept_slots = inp.meta.scatter_idx >= 0
+        return (int(kept_slots.any(1).sum()) + inp.meta.num_rows) * job.hidden * _byte_width(job)
+
+    def call(self, job, impls, inp):
+        im = impls["pack"]
+        out = torch.empty(inp.meta.num_rows, job.hidden, dtype=job.dtype, device=job.device)
+        return Call(lambda: im.pack(inp.x, inp.meta, out=out),
+                    lambda got: assert_equal(got, inp.ref_packed, "packed rows"), lambda: poison(out))
+
+
+class Combine(Stage):
+    name, parts, reads = "combine", ("combine",), ("y", "meta")
+
+    def strict_bytes(self, job, inp):
+        kept = int((inp.meta.scatter_idx >= 0).sum())
+        return (kept + job.tokens) * job.hidden * _byte_width(job)
+
+    def call(self, job, impls, inp):
+        im = impls["combine"]
+        out = torch.empty(job.tokens, job.hidden, dtype=job.dtype, device=job.device)
+        return Call(lambda: im.combine(inp.y, inp.meta, out=out, weighted=job.weighted),
+                    lambda got: assert_close(got, inp.ref_combined, "combined rows", job.dtype), lambda: poison(out))
+
+
+class Total(Stage):
+    """The chain of ``parts`` (route, if given, then metadata, pack, identity experts, combine)
+    timed as one call."""
+
+    name = "total"
+    reads = ("logits", "bias", "ids", "weights", "x")
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.parts = parts
+
+    def strict_bytes(self, job, inp):
+        return PACK.strict_bytes(job, inp) + COMBINE.strict_bytes(job, inp)
+
+    def call(self, job, impls, inp):
+        dev, T, H, E, k = job.device, job.tokens, job.hidden, job.experts, job.topk
+        packed = torch.empty(inp.meta.num_rows, H, dtype=job.dtype, device=dev)
+        out = torch.empty(T, H, dtype=job.dtype, device=dev)
+        routed = "route" in self.parts
+
+        def fn():
+            ids, w = inp.ids, inp.weights
+            if routed:
+                ids, w = impls["route"].route(inp.logits, k, job.router, inp.bias)
+            meta = impls["metadata"].metadata(ids, w, E, job.capacity, inp.num_rows)
+            p = impls["pack"].pack(inp.x, meta, out=packed)
+            return impls["combine"].combine(p, meta, out=out, weighted=job.weighted)
+
+        def check(got):
+            ref = inp.ref_total
+            if routed and not impls["route"].exact_ties:
+                # a route that may pick another expert among equal scores (checked on its own in
+                # the route row): compare the chain with the reference chain on its ids
+                ids, w = impls["route"].route(inp.logits, k, job.router, inp.bias)
+                meta = routing.build_metadata(ids.contiguous(), w.contiguous(), E, job.capacity, inp.num_rows)
+                ref = routing.combine(routing.pack(inp.x, meta), meta, weighted=job.weighted)
+            assert_close(got, ref, "end-to-end output", job.dtype)
+
+        return Call(fn, check, lambda: (poison(packed), poison(out)))
+
+
+ROUTE, METADATA, ROUTE_METADATA, PACK, COMBINE = Route(), Metadata(), RouteMetadata(), Pack(), Combine()
+
+
+def instantiate_impls(job: JobSpec) -> dict[str, Impl]:
+    """One instance per implementation the job names (``impl`` and every ``impl_<stage>``)."""
+    return {name: instantiate(conf) for name, conf in job.impl_configs.items()}
+
+
+def stage_case(stage: Stage, job: JobSpec, impls: dict[str, Impl], inp: Inputs) -> Case:
+    """The Case of one routing stage: its implementations checked for the device, its call
+    (and the same call on input copies for ``timing=rotated``), its strict bytes."""
+    by_part = {p: impls[job.stage_impls[p]] for p in stage.parts}
+
+    def build():
+        for im in by_part.values():
+            im.check_device(job.device)
+        call = stage.call(job, by_part, inp)
+        call.copies = lambda: rotated_calls(call.fn, inp, stage.reads)
+        return call
+
+    return Case(stage.name, stage.label(job), build, lambda: stage.strict_bytes(job, inp))
+
+
+class StagesBench(Bench):
+    """A bench whose rows are routing stages (``chain``), on one job's seeded inputs."""
+
+    chain: ClassVar[tuple[Stage, ...]] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.stages = tuple(s.name for s in cls.chain)
+
+    def setup(self, timer):
+        super().setup(timer)
+        self.impls = instantiate_impls(self.job)
+        self.inp = make_inputs(self.job)
+
+    def columns(self):
+        return {**routing_metrics(self.inp.meta, self.inp.ids, self.inp.logits),
+                "capacity_per_expert": self.inp.meta.capacity}
+
+    def cases(self):
+        return [stage_case(s, self.job, self.impls, self.inp) for s in self.chain]

@@ -1,0 +1,5 @@
+import sys
+
+from moebench.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The one job loop: resolve -> bench -> check-then-time every case -> rows -> one writer -> one
+summary. Plain functions, callable from tests with ``moebench.config.compose`` and a temporary
+output folder; ``moebench.app`` is the thin ``@hydra.main`` around :func:`run_job`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moebench import results
+from moebench.benches import BENCHES, Bench
+from moebench.config import resolve
+from moebench.env import environment
+from moebench.job import JobSpec
+from moebench.timing import Timer, copy_bandwidth_GBps
+
+log = logging.getLogger("moebench")
+
+#: statuses of a failed measurement: a job whose rows are all failed exits non-zero
+FAILED = ("error", "mismatch")
+
+
+class JobFailed(RuntimeError):
+    """Every row of the job failed (its table is written all the same); the message says why."""
+
+
+def plan(cfg: DictConfig) -> tuple[JobSpec, Bench]:
+    """The job and its bench, every option checked; nothing allocated, nothing written."""
+    job = resolve(cfg)
+    return job, BENCHES[job.bench](job)
+
+
+def job_columns(job: JobSpec) -> dict:
+    c = job.capacity
+    return {
+        "bench": job.bench, "impl": job.impl,
+        **{f"impl_{s}": job.stage_impls[s] for s in job.stage_impls},
+        "shape_name": job.shape, "tokens": job.tokens, "hidden": job.hidden, "experts": job.experts,
+        "topk": job.topk, "dtype": job.dtype_name, "seed": job.seed, "device": job.device.type,
+        "router": job.router.name, "logits": job.logits["kind"], "capacity": job.capacity_name,
+        "capacity_factor": float("nan") if c.factor is None else c.factor, "drop_policy": c.drop_policy,
+        "pad_to_capacity": c.pad_to_capacity, "renormalize_after_drop": c.renormalize_after_drop,
+        "weighted": job.weighted, "warmup": job.timing.warmup, "repeats": job.timing.repeats,
+    }
+
+
+def progress(i: int, n: int, row: dict, seconds: float) -> None:
+    t = row.get("time_us_median")
+    what = f"{t:.1f} us" if t is not None else row.get("message", "")
+    log.info("[%d/%d] %s %s: %s %s (%.1fs)", i, n, row["stage"], row["stage_impl"], row["status"], what, seconds)
+
+
+def run_job(cfg: DictConfig, output_dir: str | Path, *, sweep_dir: str = "", job_num: int = 0,
+            overrides: str = "") -> pd.DataFrame:
+    """Resolve, measure, write ``results.parquet`` atomically into ``output_dir``, print the
+    table, and return the rows. A bad config raises ConfigError before anything is written; a
+    job whose rows all failed writes its table, then raises JobFailed."""
+    job, bench = plan(cfg)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    log.info(bench.describe())
+    torch.manual_seed(job.seed)
+    timer = Timer(job.timing, job.device)
+    copy = copy_bandwidth_GBps(job.device) if bench.uses_copy else None
+    bench.setup(timer)
+    rows = bench.run(timer, progress)
+    common = {
+        **job_columns(job), **bench.columns(), **environment(job.device), "timing_mode": timer.mode,
+        "copy_GBps": copy, "output_dir": str(Path(output_dir).resolve()), "sweep_dir": sweep_dir,
+        "job_num": job_num, "overrides": overrides, "config": json.dumps(container, sort_keys=True, default=str),
+    }
+    for r in rows:
+        if copy and r.get("bw_GBps_strict") is not None:
+            r["pct_of_copy"] = 100.0 * r["bw_GBps_strict"] / copy
+    path = results.write([{**common, **r} for r in rows], Path(output_dir) / results.FILENAME,
+                         results.flatten_config(container))
+    df = results.load(path)
+    where = common["gpu_name"] or "cpu"
+    ceiling = f"copy {copy:.0f} GB/s, " if copy else ""
+    print(f"\n{bench.headline()} on {where} ({ceiling}timing {timer.mode}) -> {path}")
+    print(results.summary(df, bench.summary_columns or None))
+    if rows and all(r["status"] in FAILED for r in rows):
+        raise JobFailed(f"every row of bench={job.bench} failed ({', '.join(sorted({r['status'] for r in rows}))}); "
+                        f"the table is {path}")
+    return df
