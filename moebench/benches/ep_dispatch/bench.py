@@ -133,8 +133,7 @@ def rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: int
         if scaled is not None:
             forward_is_right(scaled, "scale")
 
-    recv, plan = ep.dispatch(inp.x, inp.meta)
-    y = ep.experts(recv, plan, p.expert).clone()
+    _, plan = ep.dispatch(inp.x, inp.meta)  # what moves where (the rows are checked in each case)
     moved = [None] * W
     dist.all_gather_object(moved, plan.n_send)
     n_raw = max(W, math.ceil(max(moved) / W) * W)  # the largest rank's send volume, split evenly
@@ -150,11 +149,19 @@ def rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: int
         ep.poison()
         poison(out)
 
+    def combine_call():
+        """The combine of rows this job's dispatch delivered into poisoned buffers: checked end to
+        end, so a wrong pack or dispatch shows in this row too."""
+        reset()
+        recv, plan = ep.dispatch(inp.x, inp.meta)
+        y = ep.experts(recv, plan, p.expert).clone()
+        return Call(lambda: ep.combine(y, plan, inp.meta, out=out), forward_is_right, lambda: poison(out))
+
     calls = {
         "dispatch": Call(lambda: ep.dispatch(inp.x, inp.meta),
                          lambda got: forward_is_right(ep.combine(ep.experts(got[0], got[1], p.expert), got[1],
                                                                  inp.meta, out=out).clone()), reset),
-        "combine": Call(lambda: ep.combine(y, plan, inp.meta, out=out), forward_is_right, reset),
+        "combine": combine_call,
         "total": Call(lambda: ep.forward(inp.x, inp.meta, p.expert, out=out), check_total, reset),
         "raw_a2a": Call(lambda: dist.all_to_all_single(raw_out, raw_in, even, even),
                         lambda _: assert_equal(raw_out, raw_want, "raw all-to-all rows"), lambda: poison(raw_out)),
@@ -163,11 +170,15 @@ def rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: int
                "total": (plan.n_send + plan.n_recv, plan.n_recv + plan.n_send), "raw_a2a": (n_raw, n_raw)}
     common = {**routing_metrics(inp.meta, inp.ids, inp.logits), "rank": rank, "capacity_per_expert": inp.meta.capacity}
     rows = []
+    def collective(make):
+        def build():
+            c = make() if callable(make) else make
+            return Call(c.fn, lambda got: _agree(rank, W, lambda: c.check(got)), c.reset)
+        return build
+
     for stage in STAGES:
-        c = calls[stage]
-        call = Call(c.fn, lambda got, chk=c.check: _agree(rank, W, lambda: chk(got)), c.reset)
         sent, recvd = rows_io[stage]
-        row = measure(Case(stage, p.stage_impl(stage, backend), lambda call=call: call), timer, p.tokens)
+        row = measure(Case(stage, p.stage_impl(stage, backend), collective(calls[stage])), timer, p.tokens)
         row.update(common, rows_sent=sent, rows_received=recvd, bytes_sent=sent * H * b, bytes_received=recvd * H * b)
         if row["status"] == "ok":
             algbw = max(row["bytes_sent"], row["bytes_received"]) / (row["time_us_median"] * 1e-6) / 1e9
