@@ -7,7 +7,7 @@ import torch
 from moebench.errors import Mismatch
 from moebench.routing import RoutingMetadata
 
-__all__ = ["Mismatch", "TOLERANCE", "assert_close", "assert_equal", "check_metadata", "check_route", "poison",
+__all__ = ["Mismatch", "TOLERANCE", "assert_close", "assert_equal", "check_metadata", "check_route", "check_select", "poison",
            "poison_free_blocks"]
 
 
@@ -65,21 +65,9 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, dtype: torch.d
                        f"first at {i}: {g[tuple(i)].item():.6g} vs {f[tuple(i)].item():.6g}")
 
 
-def check_route(got, ref, *, selection: torch.Tensor | None, exact_ties: bool, weight_rtol=1e-5,
-                weight_atol=1e-6, selection_rtol=0.0) -> None:
-    """ids [T, S] and weights [T, S] against the reference.
-
-    An implementation that claims the reference tie-break (``exact_ties``) must return the
-    same ids in the same order. Otherwise it may pick a different expert among experts with
-    equal selection scores: then the selection scores of its ids must equal the reference's
-    (as multisets per token, within ``selection_rtol``) and the weights must match once both
-    are sorted.
-    """
-    (gi, gw), (ri, rw) = got, ref
-    if exact_ties:
-        assert_equal(gi.to(ri.dtype), ri, "expert ids")
-        assert_close(gw.float(), rw, "gate weights", rtol=weight_rtol, atol=weight_atol)
-        return
+def _check_selection(gi: torch.Tensor, ri: torch.Tensor, selection: torch.Tensor, selection_rtol: float) -> None:
+    """Ids that may differ from the reference only among equal selection scores: in range,
+    distinct per token, and the multiset of their selection scores the reference's."""
     if gi.shape != ri.shape:
         raise Mismatch(f"expert ids: shape {tuple(gi.shape)} != reference {tuple(ri.shape)}")
     gl = gi.long()
@@ -91,8 +79,48 @@ def check_route(got, ref, *, selection: torch.Tensor | None, exact_ties: bool, w
     gs = selection.gather(1, gl).sort(1, descending=True).values
     rs = selection.gather(1, ri.long()).sort(1, descending=True).values
     assert_close(gs, rs, "selection scores of the chosen experts", rtol=selection_rtol, atol=0.0)
-    assert_close(gw.float().sort(1, descending=True).values, rw.sort(1, descending=True).values,
-                 "gate weights (sorted)", rtol=weight_rtol, atol=weight_atol)
+
+
+def check_route(got, ref, *, selection: torch.Tensor | None, exact_ties: bool, weights_of=None, weight_rtol=1e-5,
+                weight_atol=1e-6, selection_rtol=0.0) -> None:
+    """ids [T, S] and weights [T, S] against the reference.
+
+    An implementation that claims the reference tie-break (``exact_ties``) must return the
+    same ids in the same order. Otherwise it may pick a different expert among experts with
+    equal selection scores: then the selection scores of its ids must equal the reference's
+    (as multisets per token, within ``selection_rtol``), and each weight must be the reference
+    weight of the expert in its own slot: ``weights_of(ids)`` gives those
+    (``moebench.routing.reference_weights``), so right ids with the weights in the wrong slots
+    are a mismatch.
+    """
+    (gi, gw), (ri, rw) = got, ref
+    if exact_ties:
+        assert_equal(gi.to(ri.dtype), ri, "expert ids")
+        assert_close(gw.float(), rw, "gate weights", rtol=weight_rtol, atol=weight_atol)
+        return
+    _check_selection(gi, ri, selection, selection_rtol)
+    if weights_of is None:
+        raise ValueError("check_route without exact_ties needs weights_of (the reference weights of given ids)")
+    if gw.shape != gi.shape:
+        raise Mismatch(f"gate weights: shape {tuple(gw.shape)} != ids {tuple(gi.shape)}")
+    assert_close(gw.float(), weights_of(gi), "gate weights (slot by slot, of the returned experts)",
+                 rtol=weight_rtol, atol=weight_atol)
+
+
+def check_select(got, ref_ids: torch.Tensor, logits: torch.Tensor, *, exact_ties: bool, value_rtol: float = 0.0) -> None:
+    """The select stage: ids [T, k] and values [T, k] (the logits of the chosen experts, in any
+    float dtype). Ids as in :func:`check_route` (the selection scores are the logits); values
+    equal to the logits at the returned ids (within ``value_rtol`` for a kernel that drops low
+    mantissa bits)."""
+    gi, gv = got
+    x = logits.float()
+    if exact_ties:
+        assert_equal(gi.to(ref_ids.dtype), ref_ids, "expert ids")
+    else:
+        _check_selection(gi, ref_ids, x, value_rtol)
+    if gv.shape != gi.shape:
+        raise Mismatch(f"values: shape {tuple(gv.shape)} != ids {tuple(gi.shape)}")
+    assert_close(gv.float(), x.gather(1, gi.long()), "selected values", rtol=value_rtol, atol=0.0)
 
 
 def check_metadata(got: RoutingMetadata, ref: RoutingMetadata) -> None:

@@ -35,7 +35,8 @@ FIELDS = [
     # outcome
     ("status", _S), ("message", _S),
     ("time_us_median", _F), ("time_us_p10", _F), ("time_us_p90", _F), ("time_us_mean", _F), ("time_us_std", _F),
-    ("time_us_samples", pa.list_(_F)), ("first_call_ms", _F),
+    ("time_us_samples", pa.list_(_F)), ("first_call_ms", _F), ("kernel_us", _F), ("rotations", _I),
+    ("rotated_bytes", _I),
     ("bytes_strict", _I), ("bytes_per_token_strict", _F), ("bw_GBps_strict", _F), ("bw_GiBps_strict", _F),
     ("copy_GBps", _F), ("pct_of_copy", _F), ("tokens_per_s", _F),
     # routing balance

@@ -10,9 +10,15 @@ Modes (``timing.mode``):
   flushed before it (one graph launch per call: a floor of a few microseconds);
 * ``rotated``: ``n`` calls captured in one graph, call ``i`` on its own copy of the
   stage's inputs (the copies together at least ``ROTATE_BYTES``, so each call reads its
-  inputs from DRAM, not from the L2 the previous call filled); each replay between two
-  events, divided by ``n``: one call back to back with others, for the stages whose
-  time is close to a launch latency (top-k, route, metadata).
+  inputs from DRAM, not from the L2 the previous call filled; where 64 copies still fit in
+  the L2, it is flushed before every replay); each replay between two events, divided by
+  ``n``: one call back to back with others, for the stages whose time is close to a launch
+  latency (top-k, route, metadata).
+
+Every mode keeps the output of the last timed call (``Timing.output``: a replay's output in
+the graph modes) so the caller checks what was timed, not only the call before it.
+``Timer.kernel_us`` adds the device-kernel time of a call from the CUDA profiler (CUPTI through
+``torch.profiler``): beside the event time it shows a host- or launch-bound row as such.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ MAX_ROTATIONS = 64
 def rotations(set_bytes: int) -> int:
     """Input copies for ``timing=rotated``: enough to cycle through ROTATE_BYTES, 2 to 64."""
     return max(2, min(MAX_ROTATIONS, -(-ROTATE_BYTES // max(set_bytes, 1))))
+
+
+@dataclass
+class Rotation:
+    """The calls ``timing=rotated`` cycles through (each on its own copy of the inputs) and
+    the bytes of one copy."""
+
+    calls: list
+    copy_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return len(self.calls) * self.copy_bytes
 
 
 @dataclass
@@ -64,6 +83,11 @@ class Timing:
     repeats: int
     #: every repeat, in the order measured
     samples_us: tuple[float, ...] = ()
+    #: timing=rotated: the calls of one replay and the bytes of their input copies together
+    rotations: int | None = None
+    rotated_bytes: int | None = None
+    #: the output of the last timed call (a replay's, in the graph modes), for a check after timing
+    output: object = None
 
     @classmethod
     def from_samples(cls, mode: str, samples_us: list[float]) -> "Timing":
@@ -110,8 +134,8 @@ class Timer:
             self._flush.zero_()
 
     def time(self, fn, rotated=None) -> Timing:
-        """Time ``fn``; ``rotated`` (mode ``rotated``): a function giving the callables to
-        cycle through, each on its own copy of the inputs (see the module doc)."""
+        """Time ``fn``; ``rotated`` (mode ``rotated``): a function giving the :class:`Rotation`
+        to cycle through, each call on its own copy of the inputs (see the module doc)."""
         if self.device.type != "cuda":
             return self._time_wall(fn)
         if self.spec.mode == "graph":
@@ -131,33 +155,40 @@ class Timer:
     def _time_wall(self, fn) -> Timing:
         self._warmup(fn)
         samples = []
+        out = None
         for _ in range(self.spec.repeats):
             self.barrier()
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             samples.append((time.perf_counter() - t0) * 1e6)
-        return Timing.from_samples("wall", samples)
+        t = Timing.from_samples("wall", samples)
+        t.output = out
+        return t
 
     def _event_samples(self, mode: str, call) -> Timing:
         """``repeats`` calls, each after an L2 flush, each between its own pair of events."""
         n = self.spec.repeats
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        out = None
         for i in range(n):
             self.flush_l2()
             self.barrier()
             starts[i].record()
-            call()
+            out = call()
             ends[i].record()
         torch.cuda.synchronize(self.device)
-        return Timing.from_samples(mode, [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+        t = Timing.from_samples(mode, [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+        t.output = out
+        return t
 
     def _time_events(self, fn) -> Timing:
         self._warmup(fn)
         return self._event_samples("events", fn)
 
-    def _capture(self, fns) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream, then capture ``fns`` in order in one graph."""
+    def _capture(self, fns):
+        """Warm up on a side stream, then capture ``fns`` in order in one graph; returns the
+        graph and the output of the last captured call (rewritten by every replay)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -168,27 +199,55 @@ class Timer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for fn in fns:
-                fn()
+                out = fn()
         graph.replay()
-        return graph
+        return graph, out
 
     def _time_graph(self, fn) -> Timing:
-        return self._event_samples("graph", self._capture([fn]).replay)
+        graph, out = self._capture([fn])
+        t = self._event_samples("graph", graph.replay)
+        t.output = out
+        return t
 
-    def _time_rotated(self, rotated) -> Timing:
-        fns = list(rotated)
-        graph = self._capture(fns)
+    def _time_rotated(self, rotation: Rotation) -> Timing:
+        fns = list(rotation.calls)
+        graph, out = self._capture(fns)
         for _ in range(2):
             graph.replay()
+        # copies that fit in the L2 would be read from it: flush it before every replay
+        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+        flush = rotation.bytes < 2 * l2
         n = self.spec.repeats
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
+            if flush:
+                self.flush_l2()
             starts[i].record()
             graph.replay()
             ends[i].record()
         torch.cuda.synchronize(self.device)
-        return Timing.from_samples("rotated", [s.elapsed_time(e) * 1e3 / len(fns) for s, e in zip(starts, ends)])
+        t = Timing.from_samples("rotated", [s.elapsed_time(e) * 1e3 / len(fns) for s, e in zip(starts, ends)])
+        t.rotations, t.rotated_bytes, t.output = len(fns), rotation.bytes, out
+        return t
+
+    def kernel_us(self, fn, calls: int = 10) -> float | None:
+        """Device-kernel time of one call (µs): the kernels' durations summed by the CUDA
+        profiler over ``calls`` back-to-back warm calls (L2 not flushed), divided by ``calls``;
+        None off CUDA or where the profiler records no device time."""
+        if self.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(self.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(self.device)
+        total = 0.0
+        for e in prof.key_averages():
+            total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0
+        return total / calls if total > 0 else None
 
 
 def copy_bandwidth_GBps(device: torch.device, nbytes: int | None = None) -> float:

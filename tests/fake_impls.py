@@ -3,10 +3,11 @@
 import torch
 
 from moebench import routing
+from moebench.impls.reference_impl import ReferenceImpl
 from moebench.impls.torch_impl import TorchImpl
 
 
-class SkipsLastRow(TorchImpl):
+class SkipsLastRow(ReferenceImpl):
     """Packs every row but the last: the poisoned output must expose it."""
 
     name = "skips_last_row"
@@ -17,7 +18,7 @@ class SkipsLastRow(TorchImpl):
         return out
 
 
-class SwapsExperts(TorchImpl):
+class SwapsExperts(ReferenceImpl):
     """Routes every token to the reference's experts in reverse slot order."""
 
     name = "swaps_experts"
@@ -25,3 +26,52 @@ class SwapsExperts(TorchImpl):
     def route(self, logits, k, router, bias=None, out=None):
         ids, w = routing.route(logits, k, router, bias)
         return torch.flip(ids, [1]), torch.flip(w, [1])
+
+
+class WeightsInWrongSlots(TorchImpl):
+    """The right experts (an implementation free to order equal scores its own way), with each
+    token's weights rotated one slot: every weight belongs to another expert."""
+
+    name = "weights_in_wrong_slots"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        ids, w = routing.route(logits, k, router, bias)
+        return ids, torch.roll(w, 1, dims=1)
+
+
+class WrongAfterFirstCall(ReferenceImpl):
+    """Packs right on its first call and wrong on every later one: only a check of what was
+    timed (the output of the last timed call) catches it."""
+
+    name = "wrong_after_first_call"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = 0
+
+    def pack(self, x, meta, out=None):
+        self.calls += 1
+        out = routing.pack(x, meta, out)
+        if self.calls > 1:
+            out[0] += 1
+        return out
+
+
+class WrongOnDeviceAfterFirstCall(ReferenceImpl):
+    """Like WrongAfterFirstCall, but the fault is device work (a counter tensor the call itself
+    increments), so it happens in CUDA-graph replays too: only a check of a replay's output
+    catches it under timing=graph or timing=rotated."""
+
+    name = "wrong_on_device_after_first_call"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.step = None
+
+    def pack(self, x, meta, out=None):
+        if self.step is None:
+            self.step = torch.zeros((), dtype=x.dtype, device=x.device)
+        out = routing.pack(x, meta, out)
+        out[0] += self.step
+        self.step.add_(1)
+        return out

@@ -56,7 +56,9 @@ def imports(module: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
+            # ``from pkg import submodule`` imports the submodule; any other name comes from ``base``
+            subs = [f"{base}.{a.name}" for a in node.names]
+            names = [n for n in subs if n in MODULES] + ([base] if any(n not in MODULES for n in subs) else [])
         for n in names:
             t = _target(n) if n.startswith("moebench") else None
             if t and t != module:

@@ -162,15 +162,22 @@ def test_quack_row_padding():
 
 def test_quack_route_tolerance():
     im = QuackImpl()
-    assert im.route_tolerance(torch.bfloat16) == {} and im.route_tolerance(torch.float16) == {}
     x = torch.full((3, 128), -4.0)
-    hard = im.route_tolerance(torch.float32, logits=x, router=RouterSpec("topk_hard"))
+    # 16-bit logits: exact selection; the fp32 epilogue's weights to the default 1e-5
+    assert im.route_tolerance(torch.bfloat16, x.bfloat16(), RouterSpec("topk_hard"), 8) == {}
+    assert im.route_tolerance(torch.float16, x.half(), RouterSpec("softmax_topk"), 8) == {}
+    # quack's fused softmax (topk_softmax): its weights in the logits' dtype
+    assert im.route_tolerance(torch.bfloat16, x.bfloat16(), RouterSpec("topk_softmax"), 2) == {
+        "weight_rtol": 2.0 ** -8 + 1e-5}
+    hard = im.route_tolerance(torch.float32, x, RouterSpec("topk_hard"), 8)
     assert hard == {"selection_rtol": 2.0 ** (7 - 22)}
-    soft = im.route_tolerance(torch.float32, logits=x, router=RouterSpec("softmax_topk"))
-    assert soft["selection_rtol"] == pytest.approx(math.expm1(4 * 2.0 ** -15))
-    assert 1e-5 < soft["weight_rtol"] < 1e-3
-    with pytest.raises(RuntimeError):
-        im.route_tolerance(torch.float32)  # no route call to take the logits from
+    soft = im.route_tolerance(torch.float32, x, RouterSpec("softmax_topk"), 8)
+    assert soft == {"selection_rtol": pytest.approx(math.expm1(4 * 2.0 ** -15))}  # weights: the exact epilogue
+    fused = im.route_tolerance(torch.float32, x, RouterSpec("softmax_topk", renormalize=True), 8)
+    assert 1e-5 < fused["weight_rtol"] < 1e-3
+    # a shape whose decode the probe found wrong: no fused softmax, exact weights
+    im._decode_q[(128, 8, torch.float32, x.device)] = torch.arange(8)
+    assert "weight_rtol" not in im.route_tolerance(torch.float32, x, RouterSpec("softmax_topk", renormalize=True), 8)
 
 
 # -- impl=quack's glue on the CPU, with a torch model of quack's kernel --------------------------
@@ -201,9 +208,13 @@ def test_quack_glue_matches_reference_with_emulated_kernel(cpu_quack, E, k, dtyp
                 continue
             ref = routing.route(x, k, spec)
             got = cpu_quack.route(x, k, spec)
-            assert got[0].dtype == torch.int32 and got[1].dtype == torch.float32 and got[0].shape == ref[0].shape
+            fused = cpu_quack.fuses_softmax(spec, E, k, dtype, x.device)
+            assert fused == (spec.router.softmax_over_selected() and (E < 128 or k < 8))  # the probe's verdict
+            assert got[0].dtype == torch.int32 and got[0].shape == ref[0].shape
+            assert got[1].dtype == (dtype if fused else torch.float32)
             check_route(got, ref, selection=routing.selection_scores(x, spec), exact_ties=cpu_quack.exact_ties,
-                        **cpu_quack.route_tolerance(dtype))
+                        weights_of=lambda ids: routing.reference_weights(x, ids, spec),
+                        **cpu_quack.route_tolerance(dtype, x, spec, k))
 
 
 def test_emulated_quack_decode_bug_is_repaired(cpu_quack):

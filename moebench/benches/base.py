@@ -68,7 +68,8 @@ class Case:
 
 
 def measure(case: Case, timer: Timer, tokens: int) -> dict:
-    """Check once, then time; the row of one case (its outcome, timing, bytes and FLOP columns)."""
+    """Check once, then time, then check the output of the last timed call (a replay's, in the
+    graph modes); the row of one case (its outcome, timing, bytes, FLOPs and kernel time)."""
     row = {"stage": case.stage, "stage_impl": case.stage_impl, **case.columns}
     if case.flops is not None:
         row["flops"] = case.flops
@@ -84,6 +85,13 @@ def measure(case: Case, timer: Timer, tokens: int) -> dict:
         call.check(got[0])
         got[0] = None
         t = timer.time(call.fn, rotated=call.copies)
+        if t.output is not None:
+            try:
+                call.check(t.output)
+            except Mismatch as e:
+                raise Mismatch(f"after timing ({t.mode}): {e}") from None
+        t.output = None
+        kernel_us = timer.kernel_us(call.fn)
     except Unsupported as e:
         return {**row, "status": "unsupported", "message": f"unsupported: {e}"}
     except Mismatch as e:
@@ -95,7 +103,7 @@ def measure(case: Case, timer: Timer, tokens: int) -> dict:
     sec = t.median_us * 1e-6
     row.update(status="ok", message="", time_us_median=t.median_us, time_us_p10=t.p10_us, time_us_p90=t.p90_us,
                time_us_mean=t.mean_us, time_us_std=t.std_us, time_us_samples=list(t.samples_us), repeats=t.repeats,
-               tokens_per_s=tokens / sec)
+               tokens_per_s=tokens / sec, kernel_us=kernel_us, rotations=t.rotations, rotated_bytes=t.rotated_bytes)
     if case.strict_bytes is not None:
         n = case.strict_bytes()
         row.update(bytes_strict=n, bytes_per_token_strict=n / tokens, bw_GBps_strict=n / sec / 1e9,

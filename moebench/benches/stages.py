@@ -21,13 +21,14 @@ from hydra.utils import instantiate
 
 from moebench import routing
 from moebench.benches.base import Bench, Call, Case
-from moebench.check import assert_close, assert_equal, check_metadata, check_route, poison, poison_free_blocks
+from moebench.check import (assert_close, assert_equal, check_metadata, check_route, check_select, poison,
+                            poison_free_blocks)
 from moebench.errors import Unsupported
 from moebench.impls.base import Impl
 from moebench.job import JobSpec
 from moebench.logits import make_logits
 from moebench.metrics import routing_metrics
-from moebench.timing import rotations
+from moebench.timing import Rotation, rotations
 
 
 @dataclass
@@ -66,10 +67,16 @@ def make_inputs(job: JobSpec) -> Inputs:
 
 # -- timing=rotated: the same call on copies of the inputs it reads ----------------------
 
+def copy_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy with ``t``'s shape, strides and dtype (``clone`` makes a strided view contiguous,
+    and a compiled stage would then see other strides than the checked call: a recompile)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _clone(v):
     if isinstance(v, torch.Tensor):
-        return v.clone()
-    return dataclasses.replace(v, **{f.name: getattr(v, f.name).clone() for f in dataclasses.fields(v)
+        return copy_like(v)
+    return dataclasses.replace(v, **{f.name: copy_like(getattr(v, f.name)) for f in dataclasses.fields(v)
                                      if isinstance(getattr(v, f.name), torch.Tensor)})
 
 
@@ -79,12 +86,13 @@ def _nbytes(v) -> int:
     return sum(_nbytes(getattr(v, f.name)) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor))
 
 
-def rotated_calls(fn, inp: Inputs, fields) -> list:
-    """``fn`` on ``rotations()`` copies of the ``inp`` fields it reads: call ``i`` swaps copy
-    ``i`` into ``inp`` while it runs (the stage callables read ``inp`` at call time, so a
-    graph captured over these calls reads a different buffer in each)."""
+def rotated_calls(fn, inp: Inputs, fields) -> Rotation:
+    """``fn`` on ``rotations()`` copies of the ``inp`` fields it reads (same strides and dtypes):
+    call ``i`` swaps copy ``i`` into ``inp`` while it runs (the stage callables read ``inp`` at
+    call time, so a graph captured over these calls reads a different buffer in each)."""
     fields = [f for f in fields if getattr(inp, f) is not None]
-    n = rotations(sum(_nbytes(getattr(inp, f)) for f in fields))
+    nbytes = sum(_nbytes(getattr(inp, f)) for f in fields)
+    n = rotations(nbytes)
     copies = [{f: _clone(getattr(inp, f)) for f in fields} for _ in range(n)]
 
     def on(copy):
@@ -99,7 +107,7 @@ def rotated_calls(fn, inp: Inputs, fields) -> list:
                     setattr(inp, f, v)
         return call
 
-    return [on(c) for c in copies]
+    return Rotation([on(c) for c in copies], nbytes)
 
 
 def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
@@ -142,16 +150,47 @@ class Route(Stage):
         im = impls["route"]
         dev, T, S = job.device, job.tokens, inp.ids.shape[1]
         out = (torch.empty(T, S, dtype=torch.int32, device=dev), torch.empty(T, S, dtype=torch.float32, device=dev))
+        exact = im.exact_ties_for(job.router)
 
         def check(got):
-            sel = None if im.exact_ties else routing.selection_scores(inp.logits, job.router, inp.bias)
-            if not im.exact_ties and sel is None:
+            sel = None if exact else routing.selection_scores(inp.logits, job.router, inp.bias)
+            if not exact and sel is None:
                 raise Unsupported(f"impl={im.name} does not resolve ties like the reference for router={job.router.name}")
             tol = getattr(im, "route_tolerance", None)
-            check_route(got, (inp.ids, inp.weights), selection=sel, exact_ties=im.exact_ties,
-                        **(tol(job.dtype, logits=inp.logits, router=job.router) if tol else {}))
+            check_route(got, (inp.ids, inp.weights), selection=sel, exact_ties=exact,
+                        weights_of=lambda ids: routing.reference_weights(inp.logits, ids, job.router, inp.bias),
+                        **(tol(job.dtype, logits=inp.logits, router=job.router, k=job.topk) if tol else {}))
 
         return Call(lambda: im.route(inp.logits, job.topk, job.router, inp.bias, out=out), check,
+                    lambda: [poison(t) for t in out])
+
+
+class Select(Stage):
+    """The selection alone: the ids and values of the k largest logits, no weights -- what a
+    top-k kernel does by itself, for routers whose selection is a top-k of the logits."""
+
+    name, parts, reads = "select", ("route",), ("logits",)
+
+    def strict_bytes(self, job, inp):  # logits read; int32 ids and values in the logits' dtype written
+        b = _byte_width(job)
+        return job.tokens * job.experts * b + job.tokens * inp.ids.shape[1] * (4 + b)
+
+    def call(self, job, impls, inp):
+        im, r = impls["route"], job.router
+        if not r.router.selects_logits(inp.bias is not None):
+            raise Unsupported(f"router={r.name}{' with a bias' if inp.bias is not None else ''} does not select a "
+                              "top-k of the logits: no select stage (its route row has the selection)")
+        k = 1 if r.name == "top1" else job.topk
+        dev, T = job.device, job.tokens
+        out = (torch.empty(T, k, dtype=torch.int32, device=dev), torch.empty(T, k, dtype=job.dtype, device=dev))
+        ref_ids = routing.stable_topk(inp.logits.float(), k)[1]
+        exact = im.exact_ties_for(r)
+        tol = getattr(im, "select_tolerance", None)
+
+        def check(got):
+            check_select(got, ref_ids, inp.logits, exact_ties=exact, **(tol(job.dtype, inp.logits) if tol else {}))
+
+        return Call(lambda: im.select(inp.logits, job.topk, r, inp.bias, out=out), check,
                     lambda: [poison(t) for t in out])
 
 
@@ -188,7 +227,7 @@ class RouteMetadata(Stage):
 
         def check(got):
             ref = inp.meta
-            if not r_im.exact_ties:  # another expert among equal scores: the reference on its ids
+            if not r_im.exact_ties_for(job.router):  # another expert among equal scores: the reference on its ids
                 ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
                 ref = routing.build_metadata(ids.contiguous().to(torch.int32), w.contiguous().float(), E,
                                              job.capacity, inp.num_rows)
@@ -254,7 +293,7 @@ class Total(Stage):
 
         def check(got):
             ref = inp.ref_total
-            if routed and not impls["route"].exact_ties:
+            if routed and not impls["route"].exact_ties_for(job.router):
                 # a route that may pick another expert among equal scores (checked on its own in
                 # the route row): compare the chain with the reference chain on its ids
                 ids, w = impls["route"].route(inp.logits, k, job.router, inp.bias)
@@ -265,7 +304,7 @@ class Total(Stage):
         return Call(fn, check, lambda: (poison(packed), poison(out)))
 
 
-ROUTE, METADATA, ROUTE_METADATA, PACK, COMBINE = Route(), Metadata(), RouteMetadata(), Pack(), Combine()
+ROUTE, SELECT, METADATA, ROUTE_METADATA, PACK, COMBINE = Route(), Select(), Metadata(), RouteMetadata(), Pack(), Combine()
 
 
 def instantiate_impls(job: JobSpec) -> dict[str, Impl]:

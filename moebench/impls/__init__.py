@@ -5,8 +5,11 @@ from moebench.impls.base import STAGES, Impl, ImplConfig, Unsupported
 from moebench.impls.compile_impl import CompileConfig
 from moebench.impls.cute_impl import CuteConfig
 from moebench.impls.quack_impl import QuackConfig
+from moebench.impls.reference_impl import ReferenceConfig
+from moebench.impls.sonic_impl import SonicConfig
 from moebench.impls.torch_impl import TorchConfig
 
-CONFIGS = {"torch": TorchConfig, "compile": CompileConfig, "quack": QuackConfig, "cute": CuteConfig}
+CONFIGS = {"torch": TorchConfig, "reference": ReferenceConfig, "compile": CompileConfig, "quack": QuackConfig,
+           "sonic": SonicConfig, "cute": CuteConfig}
 
 __all__ = ["CONFIGS", "STAGES", "Impl", "ImplConfig", "Unsupported"]

@@ -57,6 +57,10 @@ class Impl:
         self.options = options
 
     # -- capability --------------------------------------------------------------------
+    def exact_ties_for(self, router: RouterSpec) -> bool:
+        """Does this implementation resolve equal scores like the reference for ``router``?"""
+        return self.exact_ties
+
     def check_device(self, device: torch.device) -> None:
         if device.type not in self.devices:
             raise Unsupported(f"impl={self.name} runs on {'/'.join(self.devices)} only (device={device.type})")
@@ -69,6 +73,12 @@ class Impl:
               out: tuple[torch.Tensor, torch.Tensor] | None = None):
         """logits [T, E] -> (ids [T, S] int32, weights [T, S] fp32)."""
         raise self.missing("route")
+
+    def select(self, logits: torch.Tensor, k: int, router: RouterSpec, bias: torch.Tensor | None = None,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """logits [T, E] -> (ids [T, k] int32, values [T, k]): the k largest logits, no weights
+        (for routers whose selection is a top-k of the logits, ``Router.selects_logits``)."""
+        raise self.missing("select")
 
     def metadata(self, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: CapacitySpec,
                  num_rows: int | None = None) -> RoutingMetadata:

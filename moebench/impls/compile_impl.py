@@ -1,4 +1,6 @@
-"""impl=compile: ``torch.compile`` of the reference stage functions (``moebench.routing``).
+"""impl=compile: ``torch.compile`` of the strong eager torch stage functions
+(``moebench.impls.torch_impl``: torch.topk, the sort-free metadata, index_select pack, gather +
+bmm combine), with its tie rule (``exact_ties`` as impl=torch).
 
 Each stage (route, metadata, pack, combine) is compiled on its first call with the
 options of ``conf/impl/compile.yaml`` (``mode``, ``dynamic``, ``fullgraph``, ``backend``).
@@ -8,8 +10,8 @@ same tensors (shape, dtype, strides) and the same router/capacity constants ever
 so dynamo's guards pass and nothing recompiles inside the timed loop.
 
 fullgraph: asked for per stage; if dynamo cannot trace a stage whole (a graph break, e.g.
-``fractions.Fraction`` in ``routing._ceil_capacity``, which ``build_metadata`` calls
-under a capacity) the stage is compiled again without it -- still torch.compile of the reference,
+``fractions.Fraction`` in ``routing.ceil_capacity``, which the metadata build calls under a
+capacity) the stage is compiled again without it -- still torch.compile of the same functions,
 with graph breaks -- and the reason is kept in ``graph_breaks[stage]`` and logged.
 
 Recompiles: dynamo caches compiled code per Python function, across impl instances, and
@@ -31,17 +33,18 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench import routing
 from moebench.errors import ConfigError
+from moebench.impls import torch_impl
 from moebench.impls.base import Impl, ImplConfig, accepted
 
 log = logging.getLogger(__name__)
 
 STAGE_FUNCTIONS = {
-    "route": routing.route,
-    "metadata": routing.build_metadata,
-    "pack": routing.pack,
-    "combine": routing.combine,
+    "route": torch_impl.route,
+    "select": torch_impl.select,
+    "metadata": torch_impl.metadata,
+    "pack": torch_impl.pack,
+    "combine": torch_impl.combine,
 }
 
 
@@ -74,6 +77,10 @@ def _graph_break_errors() -> tuple[type[BaseException], ...]:
 
 class CompileImpl(Impl):
     name = "compile"
+    exact_ties = False  # torch.topk, compiled
+
+    def exact_ties_for(self, router):
+        return torch_impl.uses_reference_selection(router)
 
     def __init__(self, name: str | None = None, mode: str | None = "default", dynamic: bool | None = False,
                  fullgraph: bool = True, backend: str = "inductor", recompile_limit: int = 64, **options):
@@ -128,6 +135,9 @@ class CompileImpl(Impl):
     # -- stages --------------------------------------------------------------------------
     def route(self, logits, k, router, bias=None, out=None):
         return self._call("route", logits, k, router, bias)
+
+    def select(self, logits, k, router, bias=None, out=None):
+        return self._call("select", logits, 1 if router.name == "top1" else k)
 
     def metadata(self, ids, weights, num_experts, capacity, num_rows=None):
         return self._call("metadata", ids, weights, num_experts, capacity, num_rows)

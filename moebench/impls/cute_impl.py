@@ -137,6 +137,7 @@ class CuteImpl(Impl):
         self.scatter_per_slot = None if config.scatter_per_slot == "auto" else config.scatter_per_slot
         self.tune = config.tune
         self.router_tune = config.router_tune
+        self._select_out: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
     def _check_rows(self, t: torch.Tensor, what: str) -> None:
@@ -182,6 +183,25 @@ class CuteImpl(Impl):
         ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static, **self.router_tune)
         setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
         return ids, weights
+
+    def select(self, logits, k, router, bias=None, out=None):
+        """The route kernel with no weights: ids and the selected logits (fp32, exact)."""
+        self.check_device(logits.device)
+        if logits.dtype not in DTYPES:
+            raise Unsupported(f"impl=cute selects on bfloat16/float16/float32 logits, not {logits.dtype}")
+        T, E = logits.shape
+        k = 1 if router.name == "top1" else k
+        if E > MAX_EXPERTS or k > MAX_TOPK:
+            raise Unsupported(f"experts={E}, topk={k}: the router kernel holds at most {MAX_EXPERTS} experts and "
+                              f"{MAX_TOPK} slots")
+        krouter, _ = _routing_kernels()
+        key = (T, k, logits.device)
+        if key not in self._select_out:
+            self._select_out[key] = (torch.empty(T, k, dtype=torch.int32, device=logits.device),
+                                     torch.empty(T, k, dtype=torch.float32, device=logits.device))
+        ids, vals, _, _ = krouter.route(logits, k, None, out=self._select_out[key], score="logit", weight="value",
+                                        **self.router_tune)
+        return ids, vals
 
     def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
         self.check_device(ids.device)

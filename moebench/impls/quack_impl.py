@@ -115,11 +115,11 @@ def decode_sign_positions(experts: int, k: int) -> list[int]:
 
 
 def emulate_topk_fwd(x: torch.Tensor, k: int, softmax: bool, values: torch.Tensor, indices: torch.Tensor) -> None:
-    """A torch model of quack 0.6.5's ``_topk_fwd`` (no softmax), bit for bit as read from
-    ``quack/topk.py``: index bits in the low mantissa bits, top-k of the encoded keys, the
-    decode with the sign of ``decode_sign_positions``. For CPU tests, and checked against
-    the kernel in tests/gpu/test_peers.py."""
-    assert not softmax
+    """A torch model of quack 0.6.5's ``_topk_fwd``, bit for bit as read from ``quack/topk.py``
+    without the softmax: index bits in the low mantissa bits, top-k of the encoded keys, the
+    decode with the sign of ``decode_sign_positions``; with ``softmax``, an fp32 softmax of the
+    (truncated) selected values written in the values' dtype (quack's approximate exp2 aside).
+    For CPU tests; the indices and values are checked against the kernel in tests/gpu/test_peers.py."""
     T, N = x.shape
     mask = (1 << (N.bit_length() - 1)) - 1
     f = x.float()
@@ -130,7 +130,8 @@ def emulate_topk_fwd(x: torch.Tensor, k: int, softmax: bool, values: torch.Tenso
     e = top.view(torch.int32) & mask
     sign_src = top[:, decode_sign_positions(N, k)]
     indices.copy_(torch.where(sign_src >= 0, ~e, e) & mask)
-    values.copy_((top.view(torch.int32) & ~mask).view(torch.float32).to(values.dtype))
+    vals = (top.view(torch.int32) & ~mask).view(torch.float32)
+    values.copy_((torch.softmax(vals, dim=-1) if softmax else vals).to(values.dtype))
 
 
 @dataclass
@@ -148,8 +149,9 @@ class QuackImpl(Impl):
     def __init__(self, name: str | None = None, **options):
         super().__init__(name, **options)
         self._topk_fwd = None
-        self._last = None  # (logits, router) of the last route call, for route_tolerance
         self._decode_q: dict = {}
+        self._out: dict = {}
+        self._repairs: dict = {}
 
     # -- quack, imported on first use ----------------------------------------------------
     def kernel(self):
@@ -198,74 +200,110 @@ class QuackImpl(Impl):
         self._decode_q[key] = qt
         return qt
 
-    # -- the route stage ---------------------------------------------------------------------
-    def route(self, logits, k, router, bias=None, out=None):
-        """ids [T, k] int32 (a view of a buffer with 16-byte-padded rows) and weights [T, k] fp32.
+    # -- the kernel, as quack's users call it -------------------------------------------------
+    def _outputs(self, T: int, E: int, k: int, dtype: torch.dtype, device):
+        """The [T, k] values and int32 ids quack writes into, allocated once per shape (outside
+        the timed calls): views of buffers with 16-byte-padded rows (quack's stride rule)."""
+        key = (T, E, k, dtype, device)
+        if key not in self._out:
+            div = row_divisibility(dtype, E)
+            kp = -(-k // div) * div
+            self._out[key] = (torch.empty(T, kp, dtype=dtype, device=device)[:, :k],
+                              torch.empty(T, kp, dtype=torch.int32, device=device)[:, :k])
+        return self._out[key]
 
-        ``out`` is not written: quack cannot write rows narrower than 16 bytes, and copying
-        into ``out`` would add a kernel to the timed call.
-        """
+    def _repair_kernel(self, key, qt: torch.Tensor, E: int, device):
+        """quack 0.6.5's index-decode repair as one kernel: where the sign bits of outputs p and
+        q(p) differ, the column is E-1-index (torch.compile fuses it on CUDA; eager elsewhere).
+        Built once per probed shape ``key`` (no host work per call: graph-capturable)."""
+        if key not in self._repairs:
+            def repair(vals, ids):
+                neg = torch.signbit(vals)
+                return torch.where(neg != neg[:, qt], (E - 1) - ids, ids)
+            self._repairs[key] = torch.compile(repair, fullgraph=True, dynamic=False) if device.type == "cuda" \
+                else repair
+        return self._repairs[key]
+
+    def _topk(self, logits, k, router, bias, softmax: bool):
+        """quack's top-k of the logits (ids repaired where its decode is wrong): (x, ids, vals, repaired)."""
         self.check_device(logits.device)
         T, E = logits.shape
         reason = unsupported_reason(E, k, logits.dtype, router, bias)
         if reason:
             raise Unsupported(reason)
         topk_fwd = self.kernel()
-        if router.name == "top1":
-            k = 1
+        k = 1 if router.name == "top1" else k
         x = logits if logits.is_contiguous() else logits.contiguous()
         if x.data_ptr() % 16:  # quack assumes 16-byte aligned rows
             x = x.clone()
-        div = row_divisibility(x.dtype, E)
-        kp = -(-k // div) * div
-        vals = torch.empty(T, kp, dtype=x.dtype, device=x.device)[:, :k]
-        ids = torch.empty(T, kp, dtype=torch.int32, device=x.device)[:, :k]
-        topk_fwd(x, k, False, vals, ids)
         qt = self._decode_repair(topk_fwd, E, k, x.dtype, x.device)
-        if qt is not None:  # where the sign bits of outputs p and q(p) differ, the column is E-1-index
-            neg = torch.signbit(vals)
-            ids = torch.where(neg != neg[:, qt], (E - 1) - ids, ids)
-        self._last = (logits, router)
-        # the weights: the router's reference formula on the experts quack chose, in fp32 from the
-        # exact logits (quack's own fp32 values are truncated; its fused softmax is approximate)
-        return ids, router.router.weights(x, ids, bias)
+        if softmax and qt is not None:
+            softmax = False  # the repair reads the values' signs: quack's softmax would erase them
+        vals, ids = self._outputs(T, E, k, x.dtype, x.device)
+        topk_fwd(x, k, softmax, vals, ids)
+        if qt is not None:
+            ids = self._repair_kernel((E, k, x.dtype, x.device), qt, E, x.device)(vals, ids)
+        return x, ids, vals, softmax
+
+    # -- the stages ----------------------------------------------------------------------------
+    def select(self, logits, k, router, bias=None, out=None):
+        """quack's kernel alone: ids [T, k] int32 and the k largest logits in their dtype."""
+        _, ids, vals, _ = self._topk(logits, k, router, bias, softmax=False)
+        return ids, vals
+
+    def route(self, logits, k, router, bias=None, out=None):
+        """ids [T, k] int32 and weights [T, k]: quack's fused softmax where the weights are a
+        softmax over the selected logits (topk_softmax, softmax_topk renormalised) and its decode
+        needs no repair -- weights in the logits' dtype, as quack gives them; otherwise the
+        kernel plus the least epilogue that gives the router's reference weights in fp32 (a
+        softmax of the selected values, or the router's formula on the chosen experts, e.g. the
+        full-row softmax of softmax_topk). ``out`` is not written (quack writes 16-byte-padded rows)."""
+        semantics = router.router
+        fused = semantics.softmax_over_selected()
+        x, ids, vals, fused = self._topk(logits, k, router, bias, softmax=fused)
+        if fused:
+            return ids, vals
+        if semantics.softmax_over_selected() and x.dtype != torch.float32:  # 16-bit values are exact
+            return ids, torch.softmax(vals.float(), dim=-1)
+        return ids, semantics.weights(x, ids, bias)
+
+    def fuses_softmax(self, router: routing.RouterSpec, E: int, k: int, dtype: torch.dtype, device) -> bool:
+        """Does ``route`` return quack's own fused-softmax weights for this case?"""
+        return (router.router.softmax_over_selected()
+                and self._decode_q.get((E, 1 if router.name == "top1" else k, dtype, device)) is None)
 
     # -- the check's tolerance ------------------------------------------------------------------
-    def route_tolerance(self, dtype: torch.dtype, logits: torch.Tensor | None = None,
-                        router: routing.RouterSpec | None = None) -> dict:
-        """kwargs for ``check_route`` (the checked call is the last ``route`` call unless
-        ``logits`` / ``router`` are given).
+    def route_tolerance(self, dtype: torch.dtype, logits: torch.Tensor, router: routing.RouterSpec, k: int) -> dict:
+        """kwargs for ``check_route`` on the checked call's logits and router.
 
-        16-bit logits: quack's selection is exact, only the order among exactly equal scores
-        may differ, so the defaults hold (selection scores equal, weights to 1e-5).
+        Selection. 16-bit logits: quack's selection is exact, only the order among exactly
+        equal scores may differ, so the default holds (selection scores equal). fp32 logits:
+        quack orders values by their fp32 bits with the low ``log2(E)`` mantissa bits replaced
+        by the column, so it can swap two logits a, b (or pick b over a at the k-th place) when
+        ``|a - b| < 2**(log2(E) - 23) * max(|a|, |b|)``. With ``delta = 2**(log2(E) - 22)``
+        (twice that, relative) and ``gap = delta * max|x|`` (the largest logit gap that may be
+        misordered): scores that are the logits (topk_softmax, topk_hard) differ by <= delta
+        relative; scores exp(x - lse) or sigmoid(x) by <= expm1(gap).
 
-        fp32 logits: quack orders values by their fp32 bits with the low ``log2(E)``
-        mantissa bits replaced by the column, so it can swap two logits a, b (or pick b over a
-        at the k-th place) when ``|a - b| < 2**(log2(E) - 23) * max(|a|, |b|)``. With
-        ``delta = 2**(log2(E) - 22)`` (twice that, relative) and ``gap = delta * max|x|`` (the
-        largest logit gap that may be misordered):
-        * scores that are the logits (topk_softmax, topk_hard): relative difference <= delta;
-        * scores exp(x - lse) (softmax_topk, top1, score=softmax) or sigmoid(x): relative
-          difference <= expm1(gap);
-        * weights: one swapped logit moves a softmax / normalised weight by <= 2 * that
-          (topk_softmax: 2 * gap / temperature).
+        Weights. Each returned weight is compared with the reference weight of its own expert:
+        the fp32 epilogue gives it to 1e-5. quack's fused softmax writes weights in the logits'
+        dtype: bf16 within 2**-8 relative (its rounding, 2**-9, and quack's approximate exp2),
+        fp16 within 2**-10; fp32 within 2 * gap + 1e-5 (its softmax reads the truncated values).
         """
+        E = logits.shape[1]
+        fp32 = dtype == torch.float32
+        delta = 2.0 ** (math.log2(E) - 22)
+        gap = delta * float(logits.detach().float().abs().max()) if logits.numel() and fp32 else 0.0
+        out = {}
+        if fp32:
+            out["selection_rtol"] = delta if router.name in ("topk_hard", "topk_softmax") else math.expm1(gap)
+        if self.fuses_softmax(router, E, k, dtype, logits.device):
+            out["weight_rtol"] = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}.get(dtype, 2 * gap) + 1e-5
+        return out
+
+    def select_tolerance(self, dtype: torch.dtype, logits: torch.Tensor) -> dict:
+        """kwargs for ``check_select``: fp32 values come back with their low log2(E) mantissa
+        bits cleared (relative error < 2**(log2(E) - 23)), and near-ties may swap within that."""
         if dtype != torch.float32:
             return {}
-        if logits is None or router is None:
-            if self._last is None:
-                raise RuntimeError("route_tolerance(float32) needs the checked logits and router "
-                                   "(or a route call before it)")
-            logits, router = (logits if logits is not None else self._last[0],
-                              router if router is not None else self._last[1])
-        E = logits.shape[1]
-        delta = 2.0 ** (math.log2(E) - 22)
-        gap = delta * float(logits.detach().float().abs().max()) if logits.numel() else 0.0
-        n = router.name
-        if n == "topk_hard":
-            return {"selection_rtol": delta}
-        if n == "topk_softmax":
-            return {"selection_rtol": delta, "weight_rtol": 1e-5 + 2 * gap / router.temperature}
-        # softmax_topk / top1 / sigmoid_bias (sigmoid or softmax scores)
-        m = math.expm1(gap)
-        return {"selection_rtol": m, "weight_rtol": 1e-5 + 2 * m}
+        return {"value_rtol": 2.0 ** (math.log2(logits.shape[1]) - 22)}

@@ -51,7 +51,8 @@ SCORES = ("logit", "sigmoid")
 #:   sum_k     the k selected logits (/ temperature) over their signed sum
 #:   score     the selected (unbiased) sigmoid scores
 #:   one       1
-WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one")
+#:   value     the selected selection score itself (the logit, for score="logit"): the select stage
+WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one", "value")
 GROUP_SCORES = ("top2_sum", "max")
 
 _LOG2E = math.log2(math.e)

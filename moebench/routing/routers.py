@@ -101,6 +101,8 @@ class Router:
     options: ClassVar[tuple[str, ...]] = ()
     #: the tie rule the reference applies
     ties: ClassVar[str] = "equal selection scores resolve toward the lower expert index"
+    #: is the selection one per-token top-k of :meth:`scores`?
+    per_token_topk: ClassVar[bool] = True
 
     def __init__(self, spec: RouterSpec):
         self.spec = spec
@@ -134,18 +136,29 @@ class Router:
         not one per-token top-k (hash, expert choice, group-limited)."""
         return logits.float()
 
-    def select(self, logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Expert ids [T, S] (int64) in the reference order."""
-        return stable_topk(self.scores(logits, bias), k)[1]
+    def select(self, logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, topk=stable_topk) -> torch.Tensor:
+        """Expert ids [T, S] (int64), best first. ``topk(scores, k) -> (values, indices)``: the
+        reference's stable top-k (ties toward the lower expert), or another (``torch.topk``)."""
+        return topk(self.scores(logits, bias), k)[1]
 
     def weights(self, logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The reference gate weights [T, S] (fp32) of the experts ``ids`` -- slot by slot, for any
         choice of experts (the check pairs each returned weight with its expert through this)."""
         raise NotImplementedError
 
-    def route(self, logits: torch.Tensor, k: int, bias: torch.Tensor | None = None):
-        ids = self.select(logits, k, bias)
+    def route(self, logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, topk=stable_topk):
+        ids = self.select(logits, k, bias, topk)
         return ids.to(torch.int32), self.weights(logits, ids, bias).float()
+
+    def selects_logits(self, has_bias: bool) -> bool:
+        """Is the selection a per-token top-k of the logits themselves (the score a monotone
+        function of the logit)? Then a top-k kernel on the logits selects like the reference,
+        and the ``select`` stage (ids and values, no weights) applies."""
+        return False
+
+    def softmax_over_selected(self) -> bool:
+        """Are the weights a softmax over the selected logits (what top-k kernels fuse)?"""
+        return False
 
     # -- which implementations reproduce it -------------------------------------------
     def cute(self, experts: int, has_bias: bool) -> dict:
@@ -160,8 +173,13 @@ class Router:
         return f"router={self.name} has no top-k selection to hand to quack"
 
 
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax over all experts (read in the logits' dtype, computed in fp32)."""
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def _gathered_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1).gather(1, ids.long())
+    return _probs(logits).gather(1, ids.long())
 
 
 class SoftmaxTopk(Router):
@@ -175,16 +193,22 @@ class SoftmaxTopk(Router):
         return self.spec.renormalize
 
     def scores(self, logits, bias=None):
-        return torch.softmax(logits.float(), dim=-1)
+        return _probs(logits)
 
     def weights(self, logits, ids, bias=None):
         w = _gathered_probs(logits, ids)
         return _normalize(w) if self._renormalize() else w
 
-    def route(self, logits, k, bias=None):
+    def route(self, logits, k, bias=None, topk=stable_topk):
         # the weights are the selected probabilities themselves: one softmax
-        w, ids = stable_topk(self.scores(logits), 1 if self.name == "top1" else k)
+        w, ids = topk(self.scores(logits), 1 if self.name == "top1" else k)
         return ids.to(torch.int32), (_normalize(w) if self._renormalize() else w).float()
+
+    def selects_logits(self, has_bias):
+        return True
+
+    def softmax_over_selected(self):
+        return self._renormalize()  # p_i / sum of the selected p = softmax of the selected logits
 
     def cute(self, experts, has_bias):
         # softmax is monotone in the logit: the kernel selects on the logits
@@ -207,8 +231,8 @@ class Top1(SoftmaxTopk):
         if topk != 1:
             raise ConfigError(f"router=top1 routes each token to one expert; topk={topk} is not accepted (use topk=1)")
 
-    def select(self, logits, k, bias=None):
-        return super().select(logits, 1, bias)
+    def select(self, logits, k, bias=None, topk=stable_topk):
+        return super().select(logits, 1, bias, topk)
 
 
 class TopkSoftmax(Router):
@@ -225,8 +249,14 @@ class TopkSoftmax(Router):
             raise ConfigError(f"router.temperature={shown(s.temperature)} is not accepted; a number > 0")
 
     def weights(self, logits, ids, bias=None):
-        vals = logits.float().gather(1, ids.long())
+        vals = logits.gather(1, ids.long()).float()
         return topk_softmax_weights(vals, self.spec.temperature, self.spec.normalize)
+
+    def selects_logits(self, has_bias):
+        return True
+
+    def softmax_over_selected(self):
+        return self.spec.normalize == "softmax" and self.spec.temperature == 1.0
 
     def cute(self, experts, has_bias):
         weight = "softmax_k" if self.spec.normalize == "softmax" else "sum_k"
@@ -248,6 +278,9 @@ class TopkHard(Router):
     def weights(self, logits, ids, bias=None):
         return torch.ones(ids.shape, dtype=torch.float32, device=logits.device)
 
+    def selects_logits(self, has_bias):
+        return True
+
     def cute(self, experts, has_bias):
         return dict(score="logit", weight="one")
 
@@ -264,15 +297,21 @@ class SigmoidBias(Router):
     options = ("bias_std", "scaling", "score")
 
     def _scores(self, logits):
-        x = logits.float()
-        return torch.sigmoid(x) if self.spec.score == "sigmoid" else torch.softmax(x, dim=-1)
+        return torch.sigmoid(logits.float()) if self.spec.score == "sigmoid" else _probs(logits)
 
     def scores(self, logits, bias=None):
         s = self._scores(logits)
         return s if bias is None else s + bias.float()
 
     def weights(self, logits, ids, bias=None):
-        return _normalize(self._scores(logits).gather(1, ids.long())) * self.spec.scaling
+        if self.spec.score == "sigmoid":  # the sigmoid of the chosen logits only
+            s = torch.sigmoid(logits.gather(1, ids.long()).float())
+        else:
+            s = _gathered_probs(logits, ids)
+        return _normalize(s) * self.spec.scaling
+
+    def selects_logits(self, has_bias):
+        return not has_bias
 
     def check(self, experts, topk):
         if self.spec.score not in ("sigmoid", "softmax"):
@@ -305,6 +344,7 @@ class GroupLimited(SigmoidBias):
     of the experts in them."""
 
     name = "group_limited"
+    per_token_topk = False
     options = SigmoidBias.options + ("n_group", "topk_group", "group_score")
 
     def check(self, experts, topk):
@@ -324,21 +364,24 @@ class GroupLimited(SigmoidBias):
     def scores(self, logits, bias=None):
         return None  # a top-k over the groups first: not one per-token top-k of one score
 
-    def select(self, logits, k, bias=None):
+    def selects_logits(self, has_bias):
+        return False
+
+    def select(self, logits, k, bias=None, topk=stable_topk):
         choice = super().scores(logits, bias)
         n_group = self.spec.n_group
         if n_group > 1:
             T, E = choice.shape
             grouped = choice.view(T, n_group, E // n_group)
             if self.spec.group_score == "top2_sum":
-                gscore = stable_topk(grouped, min(2, E // n_group))[0].sum(-1)
+                gscore = topk(grouped, min(2, E // n_group))[0].sum(-1)
             else:
                 gscore = grouped.max(-1).values
-            _, gidx = stable_topk(gscore, self.spec.topk_group)
+            _, gidx = topk(gscore, self.spec.topk_group)
             gmask = torch.zeros(T, n_group, dtype=torch.bool, device=choice.device).scatter_(1, gidx, True)
             emask = gmask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
             choice = choice.masked_fill(~emask, float("-inf"))
-        return stable_topk(choice, k)[1]
+        return topk(choice, k)[1]
 
     def cute(self, experts, has_bias):
         s = self.spec
@@ -367,11 +410,12 @@ class Hash(Router):
     hash is of the token position; slot j takes the next expert after slot 0's (k <= E)."""
 
     name = "hash"
+    per_token_topk = False
 
     def scores(self, logits, bias=None):
         return None
 
-    def select(self, logits, k, bias=None):
+    def select(self, logits, k, bias=None, topk=stable_topk):
         T, E = logits.shape
         t = torch.arange(T, device=logits.device, dtype=torch.int64)
         h = (t * 2654435761) % (2**32)
@@ -391,6 +435,7 @@ class ExpertChoice(Router):
     expert j did not choose the token). Equal scores resolve toward the lower token index."""
 
     name = "expert_choice"
+    per_token_topk = False
     options = ("capacity_factor",)
     ties = "equal scores resolve toward the lower token index"
 
@@ -408,11 +453,11 @@ class ExpertChoice(Router):
     def scores(self, logits, bias=None):
         return None
 
-    def select(self, logits, k, bias=None):
+    def select(self, logits, k, bias=None, topk=stable_topk):
         T, E = logits.shape
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = _probs(logits)
         C = expert_choice_capacity(T, k, E, self.spec.capacity_factor)
-        _, tok = stable_topk(probs.t(), C)  # [E, C]
+        _, tok = topk(probs.t(), C)  # [E, C]
         chosen = torch.zeros(E, T, dtype=torch.bool, device=logits.device).scatter_(1, tok, True).t()
         return torch.where(chosen, torch.arange(E, device=logits.device).expand(T, E), -1)
 

@@ -41,10 +41,12 @@ def _check(im, logits, k, spec, bias=None):
     ref = routing.route(logits, k, spec, bias)
     got = im.route(logits, k, spec, bias)
     ids, w = got
-    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    fused = getattr(im, "fuses_softmax", lambda *a: False)(spec, logits.shape[1], k, logits.dtype, logits.device)
+    assert ids.dtype == torch.int32 and w.dtype == (logits.dtype if fused else torch.float32)
     assert ids.shape == ref[0].shape and w.shape == ref[1].shape and ids.device == logits.device
-    tol = getattr(im, "route_tolerance", lambda dt: {})(logits.dtype)
-    check_route(got, ref, selection=routing.selection_scores(logits, spec, bias), exact_ties=im.exact_ties, **tol)
+    tol = im.route_tolerance(logits.dtype, logits, spec, k) if hasattr(im, "route_tolerance") else {}
+    check_route(got, ref, selection=routing.selection_scores(logits, spec, bias), exact_ties=im.exact_ties_for(spec),
+                weights_of=lambda i: routing.reference_weights(logits, i, spec, bias), **tol)
     return got, ref
 
 
@@ -167,7 +169,9 @@ def test_quack_in_cuda_graph(quack):
     graph.replay()
     torch.cuda.synchronize()
     ref = routing.route(x, 8, spec)
-    check_route(got, ref, selection=routing.selection_scores(x, spec), exact_ties=False)
+    check_route(got, ref, selection=routing.selection_scores(x, spec), exact_ties=False,
+                weights_of=lambda i: routing.reference_weights(x, i, spec),
+                **quack.route_tolerance(x.dtype, x, spec, 8))
 
 
 def test_quack_unsupported_on_gpu(quack):

@@ -1,0 +1,134 @@
+"""impl=sonic: SonicMoE's routing kernels (``sonicmoe``, pure Python on CuTeDSL, quack and
+Triton; CUDA only), called the way its own MoE layer calls them (``sonicmoe.functional``):
+
+* ``route``: its top-k custom op ``sonicmoe::_topk_fwd`` -- top-k over the softmax
+  (``softmax_topk``, ``top1``; ``norm_topk_probs`` = renormalize) or the softmax over the top-k
+  (``topk_softmax`` with normalize=softmax, temperature 1), fp32 weights, int32 ids, written
+  into outputs allocated once per shape (outside the timed calls);
+* ``metadata``: ``TC_topk_router_metadata_triton`` (three Triton kernels: a tiled histogram, a
+  scan, a per-tile sort), dropless: counts, offsets, the gather index and both scatter indices,
+  in the reference's order (token order inside an expert);
+* ``combine``: ``token_gather_and_sum_varlen_K_triton``, the gather-and-weighted-sum its layer
+  ends with (fp32 accumulation), dropless;
+* no ``select`` (its top-k kernels fuse the softmax) and no ``pack``: its layer gathers the
+  tokens inside the up-projection GEMM (gather-A).
+
+A router, option, capacity or shape SonicMoE does not handle is ``Unsupported`` with the reason;
+so is a machine where ``sonicmoe`` does not import (it pins nvidia-cutlass-dsl 4.4.2; its router
+and metadata kernels also run on the main stack's CuTeDSL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moebench.impls.base import Impl, ImplConfig, Unsupported
+from moebench.routing import RouterSpec, RoutingMetadata
+
+NOT_INSTALLED = "sonic-moe is not installed (on the GPU machine: MOEBENCH_GPU_EXTRA=\"sonic-moe==0.1.2.post1\")"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_EXPERTS, MAX_TOPK = 4096, 128
+
+
+@dataclass
+class SonicConfig(ImplConfig):
+    _target_: str = "moebench.impls.sonic_impl.SonicImpl"
+    name: str = "sonic"
+
+
+def _import(what: str):
+    try:
+        if what == "topk":
+            from sonicmoe.functional.forward import _topk_fwd
+            return _topk_fwd
+        if what == "metadata":
+            from sonicmoe.functional.triton_kernels import TC_topk_router_metadata_triton
+            return TC_topk_router_metadata_triton
+        from sonicmoe.functional.reduction_over_k_gather import token_gather_and_sum_varlen_K_triton
+        return token_gather_and_sum_varlen_K_triton
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "sonicmoe":
+            raise Unsupported(NOT_INSTALLED) from None
+        raise Unsupported(f"sonic-moe could not be imported: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- an import failing inside its dependencies (CuTeDSL, quack)
+        raise Unsupported(f"sonic-moe could not be imported: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def route_mode(router: RouterSpec) -> tuple[bool, bool]:
+    """(is_softmax_over_topk, norm_topk_probs) of SonicMoE's top-k for this router, or Unsupported."""
+    n = router.name
+    if n in ("softmax_topk", "top1"):
+        return False, n == "softmax_topk" and router.renormalize
+    if n == "topk_softmax" and router.normalize == "softmax" and router.temperature == 1.0:
+        return True, False
+    raise Unsupported(f"impl=sonic routes softmax_topk (± renormalize), top1 and topk_softmax (normalize=softmax, "
+                      f"temperature 1): SonicMoE's top-k fuses a softmax before or after the selection; "
+                      f"router={n} is not one of them")
+
+
+class SonicImpl(Impl):
+    name = "sonic"
+    devices = ("cuda",)
+    exact_ties = False  # not promised by SonicMoE: the check pairs each weight with its expert
+
+    def __init__(self, name: str | None = None, **options):
+        super().__init__(name, **options)
+        self._out: dict = {}
+
+    def route(self, logits, k, router, bias=None, out=None):
+        self.check_device(logits.device)
+        over_topk, norm = route_mode(router)
+        T, E = logits.shape
+        k = 1 if router.name == "top1" else k
+        if logits.dtype not in DTYPES:
+            raise Unsupported(f"SonicMoE's top-k takes bfloat16/float16/float32 logits, not {logits.dtype}")
+        if E > MAX_EXPERTS or E % 8 or k > min(MAX_TOPK, E):
+            raise Unsupported(f"SonicMoE's top-k needs experts <= {MAX_EXPERTS}, a multiple of 8, and k <= 128 "
+                              f"(experts={E}, topk={k})")
+        topk_fwd = _import("topk")
+        x = logits if logits.is_contiguous() and logits.data_ptr() % 16 == 0 else logits.contiguous().clone()
+        key = (T, k, x.device)
+        if key not in self._out:
+            self._out[key] = (torch.empty(T, k, dtype=torch.float32, device=x.device),
+                              torch.empty(T, k, dtype=torch.int32, device=x.device))
+        scores, ids = self._out[key]
+        topk_fwd(x, k, scores, ids, over_topk, norm)
+        return ids, scores
+
+    def metadata(self, ids, weights, num_experts, capacity, num_rows=None) -> RoutingMetadata:
+        self.check_device(ids.device)
+        T, S = ids.shape
+        E = num_experts
+        if not capacity.dropless:
+            raise Unsupported("SonicMoE's metadata is dropless (every token keeps its k experts): no capacity")
+        if num_rows is not None and num_rows != T * S:
+            raise Unsupported("SonicMoE's metadata routes every token to exactly k experts (this routing has unused "
+                              "slots, e.g. router=expert_choice)")
+        if E >= 1 << 16:
+            raise Unsupported(f"SonicMoE's metadata keys experts in 16 bits (experts={E})")
+        build = _import("metadata")
+        dev = ids.device
+        ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()
+        counts = torch.empty(E, dtype=torch.int32, device=dev)
+        offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+        gather = torch.empty(T * S, dtype=torch.int32, device=dev)
+        row_entry = torch.empty(T * S, dtype=torch.int32, device=dev)
+        scatter = torch.empty(T * S, dtype=torch.int32, device=dev)
+        build(ids, E, counts, offsets, gather, row_entry, scatter)
+        return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather,
+                               scatter_idx=scatter.view(T, S), weights=weights.float(), routed_counts=counts)
+
+    def combine(self, y, meta, out=None, weighted=True):
+        self.check_device(y.device)
+        T, S = meta.scatter_idx.shape
+        H = y.shape[1]
+        if meta.capacity is not None or meta.num_rows != T * S:
+            raise Unsupported("SonicMoE's combine sums every token's k rows (dropless): no dropped or unused slots")
+        gather_sum = _import("combine")
+        if out is None:
+            out = y.new_empty(T, H)
+        w = meta.weights.reshape(-1).float().contiguous() if weighted else None
+        gather_sum(y, w, out, meta.scatter_idx.reshape(-1).contiguous(), None, T, S, H, False)
+        return out
