@@ -54,3 +54,21 @@ def test_summary_is_compact():
                         "pct_of_copy": 5.0}])
     text = results.summary(df)
     assert "pack" in text and "x" * 61 not in text
+
+
+def test_merge_compacts_a_sweep_into_one_table_load_reads(tmp_path):
+    from moebench.app import run_job
+    from moebench.config import compose
+
+    for i, k in enumerate((1, 2)):
+        run_job(compose(["shape=tiny", "bench=pack", f"topk={k}", "timing.repeats=2", "timing.warmup=0"]),
+                tmp_path / "sweep" / str(i))
+    before = results.load(tmp_path / "sweep")
+    out = results.merge(tmp_path / "sweep", tmp_path / "merged" / "results.parquet")
+    after = results.load(out)
+    assert len(after) == len(before) == 2 and sorted(after.topk) == [1, 2]
+    cols = [c for c in before.columns if c != "source_file"]
+    pd.testing.assert_frame_equal(after[cols].sort_values("topk").reset_index(drop=True),
+                                  before[cols].sort_values("topk").reset_index(drop=True))
+    assert not list((tmp_path / "merged").glob(".results-*"))
+    assert results.main(["merge", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x.parquet")]) == 2
