@@ -29,7 +29,9 @@ def routing_metrics(meta: RoutingMetadata, ids: torch.Tensor, logits: torch.Tens
         "kept_assignments": kept,
         "avg_drop_rate": 1.0 - kept / routed if routed else 0.0,
         "token_drop_rate": token_dropped.sum().item() / max(1, int(had_any.sum().item())),
-        "padding_waste": 1.0 - kept / meta.num_rows if meta.num_rows else 0.0,
+        # rows of the expert blocks (what pack writes, what the expert GEMMs compute) that hold
+        # no token: a capacity's slack, pad_to_capacity, capacity.align's rounding
+        "padding_waste": 1.0 - kept / meta.block_rows if meta.block_rows else 0.0,
         "gate_entropy": float("nan"),
     }
     if logits is not None:

@@ -31,7 +31,8 @@ FIELDS = [
     ("seed", _I), ("device", _S),
     ("router", _S), ("logits", _S), ("capacity", _S), ("capacity_factor", _F), ("capacity_per_expert", _I),
     ("drop_policy", _S), ("pad_to_capacity", _B), ("renormalize_after_drop", _B), ("weighted", _B),
-    ("timing_mode", _S), ("warmup", _I), ("repeats", _I),
+    ("timing_mode", _S), ("warmup", _I), ("repeats", _I), ("direction", _S),
+    ("capacity_align", _I), ("quant", _S),
     # outcome
     ("status", _S), ("message", _S),
     ("time_us_median", _F), ("time_us_p10", _F), ("time_us_p90", _F), ("time_us_mean", _F), ("time_us_std", _F),

@@ -46,6 +46,8 @@ def job_columns(job: JobSpec) -> dict:
         "capacity_factor": float("nan") if c.factor is None else c.factor, "drop_policy": c.drop_policy,
         "pad_to_capacity": c.pad_to_capacity, "renormalize_after_drop": c.renormalize_after_drop,
         "weighted": job.weighted, "warmup": job.timing.warmup, "repeats": job.timing.repeats,
+        "direction": getattr(job.bench_config, "direction", "fwd"), "capacity_align": c.align,
+        "quant": getattr(job.bench_config, "quant", "none"),
     }
 
 

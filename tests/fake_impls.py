@@ -75,3 +75,15 @@ class WrongOnDeviceAfterFirstCall(ReferenceImpl):
         out[0] += self.step
         self.step.add_(1)
         return out
+
+
+class FP8OneBitOff(ReferenceImpl):
+    """Quantizes like the reference but one FP8 value a bit off (the last mantissa bit of the
+    last row's first value): the bit-exact check must catch it."""
+
+    name = "fp8_one_bit_off"
+
+    def pack_fp8(self, x, meta, quant, out=None):
+        q, s = routing.pack_fp8(x, meta, quant)
+        q.view(torch.uint8)[-1, 0] ^= 1
+        return q, s

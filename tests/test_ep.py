@@ -1,6 +1,7 @@
 """bench=ep_dispatch on the CPU: gloo ranks give the single-process reference bit for bit,
 uneven routing included, and the runner writes one table with a row per rank and stage."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,10 @@ def problems(world_size):
         "padded": ep.EPProblem(**base, capacity=CapacitySpec(1.25, pad_to_capacity=True), expert="scale"),
         "expert_choice": ep.EPProblem(**base, router=RouterSpec("expert_choice"), expert="scale"),
         "unweighted_fp32": ep.EPProblem(**{**base, "topk": 3}, dtype_name="float32", weighted=False),
+        # the received rows grouped by local expert in blocks of 16 rows (rank-local metadata)
+        "aligned_scale": ep.EPProblem(**base, logits={"kind": "zipf", "alpha": 1.5}, capacity=CapacitySpec(align=16),
+                                      expert="scale"),
+        "source_layout": ep.EPProblem(**base, logits={"kind": "zipf", "alpha": 1.5}, expert="scale", layout="source"),
     }
 
 
@@ -51,7 +56,7 @@ def single_process_reference(p: ep.EPProblem, world_size: int) -> torch.Tensor:
     ids = torch.cat([i.ids for i in inputs])
     w = torch.cat([i.weights for i in inputs])
     x = torch.cat([i.x for i in inputs])
-    meta = routing.build_metadata(ids, w, p.experts, p.capacity)
+    meta = routing.build_metadata(ids, w, p.experts, dataclasses.replace(p.capacity, align=1))  # same output
     packed = routing.pack(x, meta)
     rows_e = torch.bincount(ids.flatten().long(), minlength=p.experts)
     expert_of_row = torch.repeat_interleave(torch.arange(p.experts), rows_e)
@@ -83,6 +88,20 @@ def test_ep_equals_single_process_reference(world_size, monkeypatch):
         for r in range(world_size):
             e = per_rank[r][i]["recv_expert_ids"]
             assert ((e >= r * El) & (e < (r + 1) * El)).all(), name
+        for r in range(world_size):  # layout=expert: rank-local metadata grouped the rows by local expert
+            c = per_rank[r][i]
+            if p.layout == "source":
+                assert c["local_offsets"] is None
+                continue
+            off, gather, A = c["local_offsets"], c["local_gather"], p.capacity.align
+            counts = torch.bincount(c["recv_expert_ids"] - r * El, minlength=El)
+            assert len(off) == El + 1 and bool((off % A == 0).all()), name
+            blocks = -(-counts // A) * A
+            assert torch.equal(off[1:] - off[:-1], blocks), name
+            for j in range(El):  # expert j's block: its received rows (in received order), then padding
+                rows = gather[off[j]:off[j + 1]]
+                mine = torch.nonzero(c["recv_expert_ids"] == r * El + j).flatten()
+                assert torch.equal(rows[:len(mine)].long(), mine) and bool((rows[len(mine):] == -1).all()), name
     recv = {n: [per_rank[r][names.index(n)]["n_recv"] for r in range(world_size)] for n in names}
     assert recv["rank_gets_nothing"][-1] == 0 and min(recv["rank_gets_nothing"][:-1]) > 0
     per_expert = torch.cat([per_rank[r][names.index("zipf_scale")]["recv_counts"].sum(0) for r in range(world_size)])
@@ -180,3 +199,28 @@ def test_run_py_rejects_uneven_expert_split_in_one_line(tmp_path):
         "moebench: error: experts=6 is not divisible by world_size=4; expert parallelism splits experts evenly "
         "across ranks: accepted world_size: 1, 2, 3, 6"]
     assert not (tmp_path / "results.parquet").exists()
+
+
+def test_local_metadata_keeps_only_the_ranks_experts_renumbered():
+    g = torch.Generator().manual_seed(0)
+    ids, w = routing.route(torch.randn(64, 12, generator=g), 3, RouterSpec())
+    for local in (range(4, 8), [9, 2, 5]):  # a contiguous block, or an expert map in local order
+        meta = routing.local_metadata(ids, w, 12, local)
+        assert meta.num_experts == len(local)
+        want = torch.tensor([int(((ids == e)).sum()) for e in local])
+        assert torch.equal(meta.counts.long(), want) and int(meta.offsets[-1]) == int(want.sum())
+        for j, e in enumerate(local):  # local expert j's rows are the tokens that chose global expert e
+            rows = meta.gather_idx[meta.offsets[j]:meta.offsets[j + 1]].long()
+            assert torch.equal(rows, torch.nonzero((ids == e).any(1)).flatten())
+        other = ~torch.isin(ids, torch.tensor(list(local)))
+        assert bool((meta.scatter_idx[other] == -1).all())
+    with pytest.raises(ValueError, match="distinct ids"):
+        routing.local_metadata(ids, w, 12, [3, 3])
+
+
+def test_local_layout_source_and_bad_layout(tmp_path):
+    df = run_job(cfg_of("shape=tiny", "world_size=2", "bench.local_layout=source", "bench.expert=scale", *FAST),
+                 tmp_path)
+    assert (df.status == "ok").all(), df.message.tolist()
+    with pytest.raises(ConfigError, match="bench.local_layout='rank' is not accepted; accepted: expert, source"):
+        resolve(cfg_of("world_size=2", "bench.local_layout=rank"))

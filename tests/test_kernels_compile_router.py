@@ -50,6 +50,12 @@ def test_metadata_kernels_compile(E, S, capacity, padded, renorm):
     assert km.compile_histogram(E, S) is not None
 
 
+@pytest.mark.parametrize("E,S,capacity,padded,align", [(256, 8, False, False, 128), (128, 2, True, False, 16),
+                                                       (160, 6, True, True, 64), (8, 1, False, False, 16)])
+def test_aligned_metadata_kernels_compile(E, S, capacity, padded, align):
+    assert km.compile_indices(E, S, capacity, padded, False, align) is not None
+
+
 @pytest.mark.parametrize("E", [1, 7, 8, 60, 64, 100, 128, 160, 256, 384, 512, 1000, 1024])
 @pytest.mark.parametrize("elem_bytes", [2, 4])
 def test_lane_layout_covers_the_experts(E, elem_bytes):

@@ -15,6 +15,7 @@ LAYERS = [
     ("moebench.routing", "moebench.logits", "moebench.timing", "moebench.results", "moebench.env", "moebench.check",
      "moebench.metrics", "moebench.kernels"),
     ("moebench.impls",),
+    ("moebench.ops",),
     ("moebench.job",),
     ("moebench.benches",),
     ("moebench.config",),

@@ -22,16 +22,20 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
-from moebench.errors import Mismatch, Unsupported
+from moebench.errors import ConfigError, Mismatch, Unsupported
 from moebench.job import JobSpec
 from moebench.timing import Timer, first_call_ms
 
 log = logging.getLogger("moebench")
+
+
+DIRECTIONS = ("fwd", "bwd", "fwdbwd")
 
 
 @dataclass
@@ -40,6 +44,12 @@ class BenchConfig:
 
     name: str = MISSING
     weighted: bool = True  # combine: gate-weighted sum (false: plain sum)
+    #: fwd | bwd (the stages' backward: gradients of their inputs) | fwdbwd (both, one call)
+    direction: str = "fwd"
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"bench.direction={self.direction!r} is not accepted; accepted: {', '.join(DIRECTIONS)}")
 
 
 @dataclass

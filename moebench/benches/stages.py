@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from moebench import routing
 from moebench.benches.base import Bench, Call, Case
-from moebench.check import (assert_close, assert_equal, check_metadata, check_route, check_select, poison,
+from moebench.check import (TOLERANCE, assert_close, assert_equal, check_metadata, check_route, check_select, poison,
                             poison_free_blocks)
 from moebench.errors import Unsupported
 from moebench.impls.base import Impl
@@ -63,6 +63,27 @@ def make_inputs(job: JobSpec) -> Inputs:
     return Inputs(logits, bias, ids, w, meta, num_rows, x, y, packed,
                   routing.combine(y, meta, weighted=job.weighted),
                   routing.combine(packed, meta, weighted=job.weighted))
+
+
+def plant_extremes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its first rows (as many as there are) replaced by the rows a quantizer gets
+    wrong first: all zeros, the dtype's largest values, its subnormals, a large block beside
+    tiny values (which land among FP8's subnormals), a block of one outlier and one of zeros."""
+    T, H = x.shape
+    fi = torch.finfo(x.dtype)
+    g = torch.Generator(device=x.device).manual_seed(T * 31 + H)
+    sign = torch.randint(0, 2, (H,), generator=g, device=x.device).float() * 2 - 1
+    u = torch.rand(H, generator=g, device=x.device)
+    rows = [torch.zeros(H, device=x.device),
+            sign * fi.max * (0.5 + 0.5 * u),
+            sign * fi.smallest_normal * u,  # subnormals (and zeros)
+            torch.where(torch.arange(H, device=x.device) % 7 == 0, sign * 3.0, sign * u * 1e-3),
+            torch.where(torch.arange(H, device=x.device) < H // 2, 0.0, sign * u).index_fill(0, torch.tensor([H - 1],
+                        device=x.device), 1e4 if x.dtype == torch.float16 else 1e30)]
+    x = x.clone()
+    for i, r in enumerate(rows[:T]):
+        x[i] = r.to(x.dtype)
+    return x
 
 
 # -- timing=rotated: the same call on copies of the inputs it reads ----------------------
@@ -116,13 +137,32 @@ def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
 
 # -- the stages --------------------------------------------------------------------------
 
+DIRECTIONS = ("fwd", "bwd", "fwdbwd")
+
+
+def grad_input(job: JobSpec, shape: tuple, dtype: torch.dtype, salt: int) -> torch.Tensor:
+    """A seeded upstream gradient (N(0, 1), drawn in fp32 and rounded to ``dtype``)."""
+    g = torch.Generator(device=job.device).manual_seed(job.seed + 100 + salt)
+    return torch.randn(shape, generator=g, device=job.device, dtype=torch.float32).to(dtype)
+
+
 class Stage:
     """One routing stage. ``parts``: the per-stage implementations (``impl_<part>``) that run
-    it; ``reads``: the Inputs fields its call reads."""
+    it; ``reads``: the Inputs fields its call reads. ``backward_call`` / ``backward_bytes``: its
+    backward (the gradient of its inputs from a seeded gradient of its outputs, checked against
+    torch autograd of the reference in fp32), where it has one."""
 
     name: ClassVar[str] = ""
     parts: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
+    #: why a stage has no backward
+    no_backward: ClassVar[str] = "no gradient flows through it"
+
+    def backward_bytes(self, job: JobSpec, inp: Inputs) -> int:
+        raise NotImplementedError
+
+    def backward_call(self, job: JobSpec, impls: dict[str, Impl], inp: Inputs) -> Call:
+        raise Unsupported(f"the {self.name} stage has no backward: {self.no_backward}")
 
     def label(self, job: JobSpec) -> str:
         if len(self.parts) == 1:
@@ -164,12 +204,23 @@ class Route(Stage):
         return Call(lambda: im.route(inp.logits, job.topk, job.router, inp.bias, out=out), check,
                     lambda: [poison(t) for t in out])
 
+    def backward_bytes(self, job, inp):  # logits read, d_logits written; ids, weights, d_weights read
+        return 2 * job.tokens * job.experts * _byte_width(job) + job.tokens * inp.ids.shape[1] * (4 + 4 + 4)
+
+    def backward_call(self, job, impls, inp):
+        im, T, S = impls["route"], job.tokens, inp.ids.shape[1]
+        dw = grad_input(job, (T, S), torch.float32, 1)
+        ref = routing.route_backward(inp.logits.float(), inp.ids, dw, job.router, inp.bias)
+        return Call(lambda: im.route_backward(inp.logits, inp.ids, inp.weights, dw, job.router, inp.bias),
+                    lambda got: assert_close(got, ref, "d_logits", job.dtype), lambda: poison_free_blocks([inp.logits]))
+
 
 class Select(Stage):
     """The selection alone: the ids and values of the k largest logits, no weights -- what a
     top-k kernel does by itself, for routers whose selection is a top-k of the logits."""
 
     name, parts, reads = "select", ("route",), ("logits",)
+    no_backward = "the selection (integer ids) has no gradient; the route stage's backward carries the weights'"
 
     def strict_bytes(self, job, inp):  # logits read; int32 ids and values in the logits' dtype written
         b = _byte_width(job)
@@ -196,6 +247,7 @@ class Select(Stage):
 
 class Metadata(Stage):
     name, parts, reads = "metadata", ("metadata",), ("ids", "weights")
+    no_backward = "integer indices; the kept weights pass their gradient straight through (the chain's backward)"
 
     def strict_bytes(self, job, inp):
         TS, R = job.tokens * inp.ids.shape[1], inp.meta.num_rows
@@ -211,6 +263,7 @@ class RouteMetadata(Stage):
     """Logits to full routing metadata: the route's ids and weights straight into the metadata build."""
 
     name, parts, reads = "route_metadata", ("route", "metadata"), ("logits", "bias")
+    no_backward = "its gradient is the route stage's (the metadata is integer indices)"
 
     def strict_bytes(self, job, inp):  # logits read; scatter, gate weights, gather, counts, offsets written
         TS = job.tokens * inp.ids.shape[1]
@@ -236,18 +289,71 @@ class RouteMetadata(Stage):
         return Call(fn, check, lambda: poison_free_blocks(_meta_tensors(inp.meta)))
 
 
+def _tokens_read(meta: routing.RoutingMetadata) -> int:
+    """Tokens with a kept slot (each read once by a pack)."""
+    return int((meta.scatter_idx >= 0).any(1).sum())
+
+
 class Pack(Stage):
+    """Rows ``[0, block_rows)`` are checked (and counted): past the last aligned block
+    (``capacity.align``) rows belong to no expert and need not be written."""
+
     name, parts, reads = "pack", ("pack",), ("x", "meta")
 
-    def strict_bytes(self, job, inp):  # tokens with a kept slot read once, every packed row written (zeros too)
-        kept_slots = inp.meta.scatter_idx >= 0
-        return (int(kept_slots.any(1).sum()) + inp.meta.num_rows) * job.hidden * _byte_width(job)
+    def strict_bytes(self, job, inp):  # tokens with a kept slot read once, every block row written (zeros too)
+        return (_tokens_read(inp.meta) + inp.meta.block_rows) * job.hidden * _byte_width(job)
 
     def call(self, job, impls, inp):
-        im = impls["pack"]
+        im, n = impls["pack"], inp.meta.block_rows
         out = torch.empty(inp.meta.num_rows, job.hidden, dtype=job.dtype, device=job.device)
         return Call(lambda: im.pack(inp.x, inp.meta, out=out),
-                    lambda got: assert_equal(got, inp.ref_packed, "packed rows"), lambda: poison(out))
+                    lambda got: assert_equal(got[:n], inp.ref_packed[:n], "packed rows"), lambda: poison(out))
+
+    def backward_bytes(self, job, inp):  # the rows that hold a token read once, d_x written
+        return (int((inp.meta.scatter_idx >= 0).sum()) + job.tokens) * job.hidden * _byte_width(job)
+
+    def backward_call(self, job, impls, inp):
+        im = impls["pack"]
+        d_packed = grad_input(job, (inp.meta.num_rows, job.hidden), job.dtype, 2)
+        ref = routing.pack_backward(d_packed.float(), inp.meta)
+        return Call(lambda: im.pack_backward(d_packed, inp.meta), lambda got: assert_close(got, ref, "d_x", job.dtype),
+                    lambda: poison_free_blocks([inp.x]))
+
+
+class PackQuant(Stage):
+    """Pack with quantization (``bench.quant``, ``routing.pack_fp8``): FP8 e4m3 rows and one
+    fp32 scale per 128 channels, bit-exact against the reference (values and scales). Strict
+    bytes: the tokens read once, every block row's FP8 values and scales written."""
+
+    name, parts, reads = "pack", ("pack",), ("x", "meta")
+
+    def __init__(self, quant: str):
+        self.quant = quant
+
+    def strict_bytes(self, job, inp):
+        H = job.hidden
+        return _tokens_read(inp.meta) * H * _byte_width(job) + inp.meta.block_rows * (H + 4 * (H // routing.FP8_BLOCK))
+
+    def call(self, job, impls, inp):
+        im, meta, H, dev, n = impls["pack"], inp.meta, job.hidden, job.device, inp.meta.block_rows
+        if H % routing.FP8_BLOCK:
+            raise Unsupported(f"bench.quant={self.quant}: H={H} is not a multiple of {routing.FP8_BLOCK}")
+        if job.dtype not in (torch.bfloat16, torch.float16):
+            raise Unsupported(f"bench.quant={self.quant} quantizes bfloat16/float16 tokens, not {job.dtype}")
+        out = (torch.empty(meta.num_rows, H, dtype=torch.float8_e4m3fn, device=dev),
+               torch.empty(meta.num_rows, H // routing.FP8_BLOCK, dtype=torch.float32, device=dev))
+        ref_q, ref_s = routing.pack_fp8(inp.x, meta, self.quant)
+
+        def check(got):
+            q, sc = got
+            assert_equal(q[:n].view(torch.uint8), ref_q[:n].view(torch.uint8), f"{self.quant} packed rows (bits)")
+            assert_equal(sc[:n].view(torch.int32), ref_s[:n].view(torch.int32), f"{self.quant} scales (bits)")
+
+        def reset():
+            out[0].view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
+            poison(out[1])
+
+        return Call(lambda: im.pack_fp8(inp.x, meta, self.quant, out=out), check, reset)
 
 
 class Combine(Stage):
@@ -262,6 +368,28 @@ class Combine(Stage):
         out = torch.empty(job.tokens, job.hidden, dtype=job.dtype, device=job.device)
         return Call(lambda: im.combine(inp.y, inp.meta, out=out, weighted=job.weighted),
                     lambda got: assert_close(got, inp.ref_combined, "combined rows", job.dtype), lambda: poison(out))
+
+    def backward_bytes(self, job, inp):  # d_out and the kept rows of y read, every block row of d_y written; w, d_w
+        kept = int((inp.meta.scatter_idx >= 0).sum())
+        return ((job.tokens + kept + inp.meta.block_rows) * job.hidden * _byte_width(job)
+                + job.tokens * inp.meta.num_slots * (4 + 4 + 4))
+
+    def backward_call(self, job, impls, inp):
+        im, H = impls["combine"], job.hidden
+        d_out = grad_input(job, (job.tokens, H), job.dtype, 3)
+        ref_dy, ref_dw = routing.combine_backward(d_out.float(), inp.y.float(), inp.meta, job.weighted)
+        rtol, atol = TOLERANCE[job.dtype]
+
+        n = inp.meta.block_rows  # rows past the last aligned block belong to no expert: no gradient read
+
+        def check(got):
+            dy, dw = got
+            assert_close(dy[:n], ref_dy[:n], "d_y", job.dtype)
+            # d_w is a dot product over H: its rounding grows with sqrt(H)
+            assert_close(dw.float(), ref_dw, "d_w", rtol=rtol, atol=atol * H ** 0.5)
+
+        return Call(lambda: im.combine_backward(d_out, inp.y, inp.meta, weighted=job.weighted), check,
+                    lambda: poison_free_blocks([inp.y, inp.meta.weights]))
 
 
 class Total(Stage):
@@ -303,6 +431,46 @@ class Total(Stage):
 
         return Call(fn, check, lambda: (poison(packed), poison(out)))
 
+    def backward_bytes(self, job, inp):
+        b = COMBINE.backward_bytes(job, inp) + PACK.backward_bytes(job, inp)
+        return b + (ROUTE.backward_bytes(job, inp) if "route" in self.parts else 0)
+
+    def backward_call(self, job, impls, inp):
+        """The chain's backward from a gradient of its output: combine's (d_y, d_w), pack's d_x
+        from d_y, and (routed) the route's d_logits from d_w -- the kept weights pass their
+        gradient straight through the metadata, a dropped slot's is zero."""
+        if job.capacity.renormalize_after_drop and not job.capacity.dropless:
+            raise Unsupported("capacity.renormalize_after_drop=true: the chain's backward through the renormalised "
+                              "kept weights is not built")
+        routed = "route" in self.parts
+        meta, T, H = inp.meta, job.tokens, job.hidden
+        d_out = grad_input(job, (T, H), job.dtype, 4)
+        # the reference: autograd of the reference chain in fp32, on the reference's routing
+        x32 = inp.x.float().requires_grad_(True)
+        src = (inp.logits if routed else inp.weights).float().requires_grad_(True)
+        with torch.enable_grad():
+            w = routing.reference_weights(src, inp.ids, job.router, inp.bias) if routed else src
+            kept_w = dataclasses.replace(meta, weights=torch.where(meta.scatter_idx >= 0, w, 0.0))
+            ref_x, ref_src = torch.autograd.grad(routing.combine(routing.pack(x32, meta), kept_w, weighted=job.weighted),
+                                                 (x32, src), d_out.float(), allow_unused=True)
+        if ref_src is None:
+            ref_src = torch.zeros_like(src)
+
+        def fn():
+            d_y, d_w = impls["combine"].combine_backward(d_out, inp.ref_packed, meta, weighted=job.weighted)
+            d_x = impls["pack"].pack_backward(d_y, meta)
+            if routed:
+                d_w = impls["route"].route_backward(inp.logits, inp.ids, inp.weights, d_w, job.router, inp.bias)
+            return d_x, d_w
+
+        def check(got):
+            assert_close(got[0], ref_x, "d_x", job.dtype)
+            what = "d_logits" if routed else "d_weights"
+            assert_close(got[1].float(), ref_src, what, job.dtype, **({} if routed else
+                         {"atol": TOLERANCE[job.dtype][1] * H ** 0.5}))
+
+        return Call(fn, check, lambda: poison_free_blocks([inp.x, inp.ref_packed]))
+
 
 ROUTE, SELECT, METADATA, ROUTE_METADATA, PACK, COMBINE = Route(), Select(), Metadata(), RouteMetadata(), Pack(), Combine()
 
@@ -312,19 +480,43 @@ def instantiate_impls(job: JobSpec) -> dict[str, Impl]:
     return {name: instantiate(conf) for name, conf in job.impl_configs.items()}
 
 
-def stage_case(stage: Stage, job: JobSpec, impls: dict[str, Impl], inp: Inputs) -> Case:
-    """The Case of one routing stage: its implementations checked for the device, its call
-    (and the same call on input copies for ``timing=rotated``), its strict bytes."""
+def _fwdbwd(fwd: Call, bwd: Call) -> Call:
+    """The forward call then the backward call (the backward on the reference forward's outputs,
+    so each half is checked against a fixed reference)."""
+    def check(got):
+        fwd.check(got[0])
+        bwd.check(got[1])
+
+    def reset():
+        fwd.reset()
+        bwd.reset()
+
+    return Call(lambda: (fwd.fn(), bwd.fn()), check, reset)
+
+
+def stage_case(stage: Stage, job: JobSpec, impls: dict[str, Impl], inp: Inputs, direction: str = "fwd") -> Case:
+    """The Case of one routing stage in one direction: its implementations checked for the
+    device, its call (forward, backward, or the two in one), the same call on input copies for
+    ``timing=rotated``, its strict bytes."""
     by_part = {p: impls[job.stage_impls[p]] for p in stage.parts}
 
     def build():
         for im in by_part.values():
             im.check_device(job.device)
-        call = stage.call(job, by_part, inp)
+        if direction == "fwd":
+            call = stage.call(job, by_part, inp)
+        elif direction == "bwd":
+            call = stage.backward_call(job, by_part, inp)
+        else:
+            call = _fwdbwd(stage.call(job, by_part, inp), stage.backward_call(job, by_part, inp))
         call.copies = lambda: rotated_calls(call.fn, inp, stage.reads)
         return call
 
-    return Case(stage.name, stage.label(job), build, lambda: stage.strict_bytes(job, inp))
+    def strict_bytes():
+        fwd = stage.strict_bytes(job, inp) if direction != "bwd" else 0
+        return fwd + (stage.backward_bytes(job, inp) if direction != "fwd" else 0)
+
+    return Case(stage.name, stage.label(job), build, strict_bytes, columns={"direction": direction})
 
 
 class StagesBench(Bench):
@@ -346,4 +538,5 @@ class StagesBench(Bench):
                 "capacity_per_expert": self.inp.meta.capacity}
 
     def cases(self):
-        return [stage_case(s, self.job, self.impls, self.inp) for s in self.chain]
+        d = self.config.direction if self.config is not None else "fwd"
+        return [stage_case(s, self.job, self.impls, self.inp, d) for s in self.chain]

@@ -91,6 +91,30 @@ class Impl:
                 weighted: bool = True) -> torch.Tensor:
         raise self.missing("combine")
 
+    def pack_fp8(self, x: torch.Tensor, meta: RoutingMetadata, quant: str,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack and quantize (``routing.pack_fp8``): (q [R, H] float8_e4m3fn, scales [R, H / 128]
+        fp32) for ``quant`` in ``routing.QUANTS`` (not ``none``); rows past the last aligned
+        block (``gather_idx == BEYOND``) need not be written."""
+        raise self.missing(f"pack (quant={quant})")
+
+    # -- backward (training) -------------------------------------------------------------
+    def route_backward(self, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       d_weights: torch.Tensor, router: RouterSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """d_logits [T, E] (the logits' dtype) from d_weights [T, S] through the router's weights
+        of the experts ``ids`` (the selection, and a selection bias, have no gradient)."""
+        raise self.missing("route backward")
+
+    def pack_backward(self, d_packed: torch.Tensor, meta: RoutingMetadata) -> torch.Tensor:
+        """d_x [T, H] = sum over a token's kept slots of d_packed[scatter_idx[t, j]]."""
+        raise self.missing("pack backward")
+
+    def combine_backward(self, d_out: torch.Tensor, y: torch.Tensor, meta: RoutingMetadata,
+                         weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_y [R, H], d_w [T, S] fp32): d_y[scatter_idx[t, j]] = w[t, j] * d_out[t] (zero rows
+        where no kept slot points), d_w[t, j] = <d_out[t], y[scatter_idx[t, j]]> (0 when dropped)."""
+        raise self.missing("combine backward")
+
     def stage(self, name: str):
         return getattr(self, name)
 

@@ -45,6 +45,10 @@ STAGE_FUNCTIONS = {
     "metadata": torch_impl.metadata,
     "pack": torch_impl.pack,
     "combine": torch_impl.combine,
+    "pack_fp8": torch_impl.pack_fp8,
+    "route_backward": torch_impl.route_backward,
+    "pack_backward": torch_impl.pack_backward,
+    "combine_backward": torch_impl.combine_backward,
 }
 
 
@@ -147,3 +151,15 @@ class CompileImpl(Impl):
 
     def combine(self, y, meta, out=None, weighted=True):
         return self._call("combine", y, meta, out, weighted)
+
+    def pack_fp8(self, x, meta, quant, out=None):
+        return self._call("pack_fp8", x, meta, quant)
+
+    def route_backward(self, logits, ids, weights, d_weights, router, bias=None):
+        return self._call("route_backward", logits, ids, weights, d_weights, router)
+
+    def pack_backward(self, d_packed, meta):
+        return self._call("pack_backward", d_packed, meta)
+
+    def combine_backward(self, d_out, y, meta, weighted=True):
+        return self._call("combine_backward", d_out, y, meta, weighted)

@@ -29,10 +29,10 @@ importing this module costs nothing where cutlass or a GPU is missing.
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from moebench.errors import ConfigError
 from moebench.impls.base import Impl, ImplConfig, Unsupported, accepted
@@ -99,6 +99,22 @@ def _kernels():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
     return pack, combine
+
+
+def _backward_kernels():
+    try:
+        from moebench.kernels import backward, combine
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
+    return backward, combine
+
+
+def _fp8_kernels():
+    try:
+        from moebench.kernels import pack_fp8
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
+    return pack_fp8
 
 
 def _routing_kernels():
@@ -227,10 +243,10 @@ class CuteImpl(Impl):
             hist = kmeta.histogram(ids, E, tile)
         w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
         counts, offsets, routed, gather, scatter, kept_w = kmeta.indices(
-            ids, w, hist, tile, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop)
+            ids, w, hist, tile, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align)
         return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather, scatter_idx=scatter,
                                weights=kept_w, routed_counts=routed, capacity=cap,
-                               padded=capacity.pad_to_capacity and cap is not None)
+                               padded=capacity.pad_to_capacity and cap is not None, align=capacity.align)
 
     def pack(self, x, meta, out=None):
         self._check_rows(x, "x")
@@ -271,3 +287,58 @@ class CuteImpl(Impl):
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
         _, kcombine = _kernels()
         return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted, **self.tune)
+
+    def pack_fp8(self, x, meta, quant, out=None):
+        """The quantizing scatter pack (``kernels.pack_fp8``): bf16 / fp16 x, H a multiple of 128."""
+        self._check_rows(x, "x")
+        T, H = x.shape
+        R, S = meta.num_rows, meta.num_slots
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise Unsupported(f"impl=cute quantizes bfloat16/float16 x to FP8, not {x.dtype}")
+        if H % 128:
+            raise Unsupported(f"H={H} is not a multiple of 128 (one scale per 128 channels)")
+        if S > MAX_SLOTS:
+            raise Unsupported(f"the FP8 pack unrolls over at most {MAX_SLOTS} slots per token; this routing has S={S}")
+        if meta.num_tokens != T:
+            raise ValueError(f"x has {T} tokens but the metadata has {meta.num_tokens}")
+        if out is None:
+            out = (torch.empty(R, H, dtype=torch.float8_e4m3fn, device=x.device),
+                   torch.empty(R, H // 128, dtype=torch.float32, device=x.device))
+        else:
+            self._check_out(out[0], (R, H), torch.float8_e4m3fn, x.device, "pack fp8 rows")
+            self._check_out(out[1], (R, H // 128), torch.float32, x.device, "pack fp8 scales")
+        kq = _fp8_kernels()
+        return kq.pack_fp8(x, meta.gather_idx, meta.scatter_idx, out[0], out[1], mode=quant.removeprefix("fp8_"),
+                           zero_empty=meta.may_have_empty_rows)
+
+    # -- backward (training) ---------------------------------------------------------------
+    def route_backward(self, logits, ids, weights, d_weights, router, bias=None):
+        self.check_device(logits.device)
+        if logits.dtype not in DTYPES:
+            raise Unsupported(f"impl=cute routes bfloat16/float16/float32 logits, not {logits.dtype}")
+        T, E = logits.shape
+        static = router_static(router, ids.shape[1], E, bias is not None)
+        kb, _ = _backward_kernels()
+        d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        return kb.route_backward(logits, ids, weights, d_weights, d_logits, **static)
+
+    def pack_backward(self, d_packed, meta):
+        """An unweighted combine of the packed rows' gradients (the combine kernel)."""
+        self._check_rows(d_packed, "d_packed")
+        T, S = meta.scatter_idx.shape
+        if S > MAX_SLOTS:
+            raise Unsupported(f"pack backward sums at most {MAX_SLOTS} slots per token; this routing has S={S}")
+        _, kcombine = _backward_kernels()
+        out = d_packed.new_empty(T, d_packed.shape[1])
+        return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False, **self.tune)
+
+    def combine_backward(self, d_out, y, meta, weighted=True):
+        self._check_rows(y, "y")
+        T, S = meta.scatter_idx.shape
+        if S > MAX_SLOTS:
+            raise Unsupported(f"combine backward unrolls at most {MAX_SLOTS} slots per token; this routing has S={S}")
+        kb, _ = _backward_kernels()
+        d_y = torch.empty_like(y, memory_format=torch.contiguous_format)
+        d_w = torch.empty(T, S, dtype=torch.float32, device=y.device)
+        return kb.combine_backward(d_out, y, meta.scatter_idx, meta.weights, meta.gather_idx, d_y, d_w,
+                                   weighted=weighted, zero_empty=meta.may_have_empty_rows, **self.tune)

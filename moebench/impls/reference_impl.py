@@ -36,3 +36,16 @@ class ReferenceImpl(Impl):
 
     def combine(self, y, meta, out=None, weighted=True):
         return routing.combine(y, meta, out, weighted)
+
+    def pack_fp8(self, x, meta, quant, out=None):
+        return routing.pack_fp8(x, meta, quant)
+
+    # backward: torch autograd of the reference forward (on the inputs as given)
+    def route_backward(self, logits, ids, weights, d_weights, router, bias=None):
+        return routing.route_backward(logits, ids, d_weights, router, bias)
+
+    def pack_backward(self, d_packed, meta):
+        return routing.pack_backward(d_packed, meta)
+
+    def combine_backward(self, d_out, y, meta, weighted=True):
+        return routing.combine_backward(d_out, y, meta, weighted)

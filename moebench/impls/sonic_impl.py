@@ -122,6 +122,9 @@ class SonicImpl(Impl):
         E = num_experts
         if not capacity.dropless:
             raise Unsupported("SonicMoE's metadata is dropless (every token keeps its k experts): no capacity")
+        if capacity.align > 1:
+            raise Unsupported(f"capacity.align={capacity.align}: SonicMoE's metadata packs expert blocks tight (its "
+                              "token rounding changes which tokens an expert keeps, not the block starts)")
         if num_rows is not None and num_rows != T * S:
             raise Unsupported("SonicMoE's metadata routes every token to exactly k experts (this routing has unused "
                               "slots, e.g. router=expert_choice)")

@@ -12,10 +12,12 @@
   row-id map of Transformer Engine / Megatron-Core's permute). A capacity keeps the first
   ``capacity`` ranks (``drop_policy=position``); ``probs`` needs a per-expert order by weight
   and runs the reference's stable sort.
-* ``pack``: one ``index_select`` (zeros where a packed row holds no token).
-* ``combine``: one gather of every slot's row and one weighted sum over the slots, in the rows'
-  dtype with fp32 accumulation: ``torch.bmm`` of the [T, 1, S] weights and the [T, S, H] rows
-  (k > 2), or a broadcast multiply and a sum (k <= 2, faster there on an H200). Under
+* ``pack``: one ``index_select`` (zeros where a packed row holds no token). Quantized
+  (``pack_fp8``): each token's row quantized once (``routing.quantize_fp8``), then its FP8 row
+  and scales gathered -- k times fewer quantizations than packing first.
+* ``combine``: one gather of every slot's row and one weighted sum over the slots in fp32 (the
+  fp32 weights, the rows converted): ``torch.bmm`` of the [T, 1, S] weights and the [T, S, H]
+  rows (k > 2), or a broadcast multiply and a sum (k <= 2, faster there on an H200). Under
   ``torch.compile`` the reference's per-slot loop, which inductor fuses into one kernel.
 
 Nothing here synchronises with the host, so every stage can be captured in a CUDA graph, and
@@ -31,6 +33,7 @@ import torch
 from moebench import routing
 from moebench.impls.base import Impl, ImplConfig
 from moebench.routing import CapacitySpec, RouterSpec, RoutingMetadata
+from moebench.routing.metadata import BEYOND
 
 
 @dataclass
@@ -77,25 +80,60 @@ def metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, capacit
     rank = rank_map.gather(1, e) - 1  # [T, S]: the slot's rank inside its expert, in token order
     kept = valid if cap is None else valid & (rank < cap)
     counts = routed if cap is None else routed.clamp(max=cap)
+    A = capacity.align
     if cap is not None and capacity.pad_to_capacity:
-        offsets = torch.arange(E + 1, dtype=torch.int32, device=dev) * cap
+        offsets = torch.arange(E + 1, dtype=torch.int32, device=dev) * capacity.aligned(cap)
     else:
-        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0, dtype=torch.int32)])
+        blocks = counts if A == 1 else (counts + (A - 1)) // A * A
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(blocks, 0, dtype=torch.int32)])
     row = torch.where(kept, offsets[e.clamp(max=E - 1)] + rank, -1)
     scatter = row.to(torch.int32)
     tokens = torch.arange(T, dtype=torch.int32, device=dev)[:, None].expand(T, S)
     gather = torch.full((R + 1,), -1, dtype=torch.int32, device=dev)
     gather.scatter_(0, torch.where(kept, row, R).flatten().long(), tokens.flatten())
+    if A > 1:  # the rows past the last block (routing.metadata.BEYOND)
+        gather = torch.where(torch.arange(R + 1, device=dev) >= offsets[E], BEYOND, gather)
     w = torch.where(kept, weights.float(), 0.0)
     if capacity.renormalize_after_drop and cap is not None:
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
     return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather[:R], scatter_idx=scatter,
                            weights=w, routed_counts=routed, capacity=cap,
-                           padded=capacity.pad_to_capacity and cap is not None)
+                           padded=capacity.pad_to_capacity and cap is not None, align=A)
 
 
 def pack(x: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
     return routing.pack(x, meta, out)
+
+
+def quantize_fp8(rows: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``routing.quantize_fp8`` with fp32 scales that stay correctly rounded under
+    ``torch.compile``: Triton's fp32 division is approximate (and inductor may turn a division
+    by a constant into a multiply by its reciprocal), so the two divisions run in fp64 and round
+    once to fp32 -- the correctly rounded fp32 quotient (53 >= 2 * 24 + 2 bits)."""
+    if quant != "fp8_block128":
+        return routing.quantize_fp8(rows, quant)
+    R, H = rows.shape
+    if H % routing.FP8_BLOCK:
+        raise ValueError(f"H={H} is not a multiple of {routing.FP8_BLOCK} (one scale per 128 channels)")
+    v = rows.float().view(R, H // routing.FP8_BLOCK, routing.FP8_BLOCK)
+    amax = v.abs().amax(-1).clamp(min=1e-4).double()
+    inv, scale = (448.0 / amax).float(), (amax / 448.0).float()
+    return (v * inv[..., None]).to(torch.float8_e4m3fn).view(R, H), scale
+
+
+def pack_fp8(x: torch.Tensor, meta: RoutingMetadata, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the tokens, then gather their FP8 rows and scales (bit-exact against the
+    reference's pack-then-quantize: the quantization is per row); empty rows quantize zeros."""
+    q, s = quantize_fp8(x, quant)
+    idx = meta.gather_idx.long()
+    rows = q.view(torch.uint8).index_select(0, idx.clamp(min=0))
+    scales = s.index_select(0, idx.clamp(min=0))
+    if meta.may_have_empty_rows:
+        _, s0 = quantize_fp8(x.new_zeros(1, x.shape[1]), quant)
+        empty = (idx < 0).unsqueeze(1)
+        rows = rows.masked_fill(empty, 0)
+        scales = torch.where(empty, s0, scales)
+    return rows.view(torch.float8_e4m3fn), scales
 
 
 def combine(y: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = None,
@@ -112,14 +150,85 @@ def combine(y: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = N
     if meta.capacity is not None or meta.num_rows < T * S:
         rows = rows.masked_fill(~kept[:, :, None], 0)
     w = meta.weights if weighted else kept.float()
-    w = torch.where(kept, w, 0.0).to(y.dtype)
+    w = torch.where(kept, w, 0.0).float()
+    # the fp32 weights times the rows in fp32: rounding the weights or the products to a 16-bit
+    # dtype first is off by ~2**-9 of the largest product, beyond the tolerance where the
+    # products cancel (router=sigmoid_bias with its scaling, seen on an H200)
+    rows = rows.float()
     if S <= 2:  # a broadcast multiply and a sum over the slots (H200: faster than the bmm at k <= 2)
         res = (rows * w.view(T, S, 1)).sum(1)
-    else:  # one batched [1, S] x [S, H] product per token, fp32 accumulation
+    else:  # one batched [1, S] x [S, H] product per token
         res = torch.bmm(w.view(T, 1, S), rows).view(T, H)
     if out is None:
-        return res
+        return res.to(y.dtype)
     return out.copy_(res)
+
+
+def route_backward(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, d_weights: torch.Tensor,
+                   router: RouterSpec) -> torch.Tensor:
+    """d_logits through the router's weights formula (``Router.gradient_form``), written out in
+    a few [T, S] and [T, E] kernels (no autograd graph); ``weights`` are the forward's."""
+    kind, renorm, temp, scaling = router.router.gradient_form()
+    if kind == "one":
+        return torch.zeros_like(logits)
+    x = logits.float()
+    valid = ids >= 0
+    idl = ids.long().clamp(min=0)
+    dw = torch.where(valid, d_weights.float(), 0.0)
+    xs = x.gather(1, idl)
+    if kind == "prob":
+        p = torch.softmax(x, dim=-1)
+        r = p.gather(1, idl)
+    elif kind == "score":
+        r = torch.sigmoid(xs)
+    elif kind == "softmax_k":
+        r = torch.softmax(xs / temp, dim=-1)
+    else:  # sum_k: the signed sum, clamped only when >= 0 (like the reference)
+        v = xs / temp
+        s = v.sum(-1, keepdim=True)
+        sc = torch.where(s < 0, s, s.clamp_min(1e-20))
+        r = v / sc
+    r = torch.where(valid, r, 0.0)
+    if renorm:
+        tot = r.sum(-1, keepdim=True).clamp_min(1e-20)
+        w = scaling * r / tot
+        dr = scaling / tot * (dw - (w * dw).sum(-1, keepdim=True) / scaling)
+    else:
+        dr = scaling * dw
+    zeros = torch.zeros_like(x)
+    c = (r * dr).sum(-1, keepdim=True)
+    if kind == "prob":
+        return (p * (zeros.scatter_add(1, idl, torch.where(valid, dr, 0.0)) - c)).to(logits.dtype)
+    if kind == "score":
+        g = dr * r * (1 - r)
+    elif kind == "softmax_k":
+        g = r * (dr - c) / temp
+    else:
+        g = (dr - c * (sc == s)) / sc / temp
+    return zeros.scatter_add(1, idl, torch.where(valid, g, 0.0)).to(logits.dtype)
+
+
+def pack_backward(d_packed: torch.Tensor, meta: RoutingMetadata) -> torch.Tensor:
+    """An unweighted combine: every token's kept rows' gradients summed (fp32 accumulation)."""
+    return combine(d_packed, meta, weighted=False)
+
+
+def combine_backward(d_out: torch.Tensor, y: torch.Tensor, meta: RoutingMetadata,
+                     weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_y: every slot's weighted copy of d_out written to its row (``index_copy_``; rows no kept
+    slot points at are zero); d_w: one batched product of each token's rows with its d_out."""
+    T, S = meta.scatter_idx.shape
+    R, H = y.shape
+    idx = meta.scatter_idx
+    kept = idx >= 0
+    w = torch.where(kept, meta.weights if weighted else 1.0, 0.0).to(d_out.dtype)
+    d_y = d_out.new_zeros(R + 1, H) if meta.may_have_empty_rows else d_out.new_empty(R + 1, H)
+    d_y.index_copy_(0, torch.where(kept, idx, R).flatten().long(), (d_out[:, None, :] * w[:, :, None]).view(T * S, H))
+    if not weighted:
+        return d_y[:R], torch.zeros(T, S, dtype=torch.float32, device=y.device)
+    rows = y.index_select(0, idx.flatten().clamp(min=0)).view(T, S, H)
+    d_w = torch.bmm(rows, d_out.view(T, H, 1)).view(T, S).float()
+    return d_y[:R], torch.where(kept, d_w, 0.0)
 
 
 class TorchImpl(Impl):
@@ -143,3 +252,15 @@ class TorchImpl(Impl):
 
     def combine(self, y, meta, out=None, weighted=True):
         return combine(y, meta, out, weighted)
+
+    def pack_fp8(self, x, meta, quant, out=None):
+        return pack_fp8(x, meta, quant)
+
+    def route_backward(self, logits, ids, weights, d_weights, router, bias=None):
+        return route_backward(logits, ids, weights, d_weights, router)
+
+    def pack_backward(self, d_packed, meta):
+        return pack_backward(d_packed, meta)
+
+    def combine_backward(self, d_out, y, meta, weighted=True):
+        return combine_backward(d_out, y, meta, weighted)

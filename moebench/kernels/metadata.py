@@ -83,10 +83,14 @@ class MetadataIndices:
 
     def __init__(self, E: int, S: int, *, capacity: bool = False, padded: bool = False,
                  renormalize: bool = False, threads: int = 512, sorted_gather: bool | None = None,
-                 overlap: bool | None = None, parts: int = 16):
-        assert threads % 32 == 0 and threads <= 1024
+                 overlap: bool | None = None, parts: int = 16, align: int = 1):
+        assert threads % 32 == 0 and threads <= 1024 and align >= 1
         self.E, self.S = E, S
         self.capacity, self.padded, self.renormalize = capacity, padded, renormalize
+        # expert blocks start at multiples of `align` rows: the scan runs over the rounded-up
+        # counts, the rows after each block's tokens are padding (-1), the rows past the last
+        # block BEYOND (-2, see moebench.routing.RoutingMetadata)
+        self.align = align
         self.threads = threads
         # phase 1 reads the int16 histogram as 16-byte vectors of 4 int32 words (8 experts),
         # each column of vectors split over `parts` threads (at most 16: the sum over the
@@ -99,7 +103,8 @@ class MetadataIndices:
         # not straight from each (token, slot): fewer, fuller L2 write sectors. It pays where
         # a warp's 32 pairs hit many experts (E >= 32: measured on an H100) and
         # needs 2 * threads * S more words of shared memory
-        words = (E * 2 * self.parts + 6 * E + 2 * E * (threads // 32) + (threads * S if capacity else 0))
+        words = (E * 2 * self.parts + 6 * E + 2 * E * (threads // 32) + (threads * S if capacity else 0)
+                 + (E if align > 1 else 0))
         fits = 4 * (words + 2 * threads * S + E) <= SORTED_GATHER_SMEM
         self.sorted_gather = (E >= 32 and fits) if sorted_gather is None else sorted_gather
         assert fits or not self.sorted_gather
@@ -261,6 +266,9 @@ class MetadataIndices:
         sTot = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
         sPre = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
         sKept = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
+        sBlock = sKept  # the rows of each expert's block: its kept count, rounded up with `align`
+        if const_expr(self.align > 1 and not self.padded):
+            sBlock = smem.allocate_tensor(Int32, cute.make_layout(E), byte_alignment=16)
         sOff = smem.allocate_tensor(Int32, cute.make_layout(E + 1), byte_alignment=16)
         sWarp = smem.allocate_tensor(Int32, cute.make_layout(64), byte_alignment=16)
         sBits = smem.allocate_tensor(Int32, cute.make_layout(E * NW), byte_alignment=16)  # [word, expert]
@@ -340,6 +348,8 @@ class MetadataIndices:
             if const_expr(self.capacity):
                 kept = cutlass.min(tot, cap)
             sKept[e] = kept
+            if const_expr(self.align > 1 and not self.padded):
+                sBlock[e] = (kept + (self.align - 1)) // self.align * self.align
             if bidx == 0:
                 mRouted[e] = tot
                 mCounts[e] = kept
@@ -349,28 +359,30 @@ class MetadataIndices:
         # 2. offsets: exclusive scan of the kept counts (or e * capacity when padded); the
         #    first chunk's expert-run starts in the same passes
         if const_expr(self.padded):
+            block = (cap + (self.align - 1)) // self.align * self.align
             for e in cutlass.range(tidx, E + 1, NT, unroll=1):
-                sOff[e] = e * cap
+                sOff[e] = e * block
             if const_expr(self.sorted_gather):
                 self.exclusive_scan(sCnt, sCoff, sWarp, tidx)
             else:
                 cute.arch.sync_threads()
         elif const_expr(self.sorted_gather):
-            self.exclusive_scan(sKept, sOff, sWarp, tidx, sCnt, sCoff)
+            self.exclusive_scan(sBlock, sOff, sWarp, tidx, sCnt, sCoff)
         else:
-            self.exclusive_scan(sKept, sOff, sWarp, tidx)
+            self.exclusive_scan(sBlock, sOff, sWarp, tidx)
         if bidx == 0:
             for e in cutlass.range(tidx, E + 1, NT, unroll=1):
                 mOffsets[e] = sOff[e]
 
-        # 3. rows no assignment fills: gather_idx = -1
-        if const_expr(self.padded):
+        # 3. rows no assignment fills: gather_idx = -1 (past the last aligned block: -2)
+        if const_expr(self.padded or self.align > 1):
             for e in cutlass.range(bidx, E, nb, unroll=1):
                 for r in cutlass.range(sOff[e] + sKept[e] + tidx, sOff[e + 1], NT, unroll=1):
                     mGather[r] = -1
-        else:
+        if const_expr(not self.padded):
+            tail = Int32(-2) if const_expr(self.align > 1) else Int32(-1)
             for r in cutlass.range(sOff[E] + bidx * NT + tidx, R, nb * NT, unroll=1):
-                mGather[r] = -1
+                mGather[r] = tail
 
         # 4. the tile in chunks of NT tokens; the chunk's (token, slot) pairs spread over all
         #    threads (S per thread, consecutive pairs on consecutive threads: the id reads and
@@ -493,18 +505,18 @@ def compile_histogram(E: int, S: int):
     return _cache.get(("hist", E, S), build)
 
 
-def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: bool,
+def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: bool, align: int = 1,
                     sorted_gather: bool | None = None, overlap: bool | None = None, parts: int = 16):
     def build():
         T, B, R = cute.sym_int(), cute.sym_int(), cute.sym_int()
         return cute.compile(
             MetadataIndices(E, S, capacity=capacity, padded=padded, renormalize=renormalize,
-                            sorted_gather=sorted_gather, overlap=overlap, parts=parts),
+                            sorted_gather=sorted_gather, overlap=overlap, parts=parts, align=align),
             fake_table(Int32, T, S), fake_table(Float32, T, S), fake_hist_words(B, E), fake_vector(Int32, E),
             fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, R), fake_table(Int32, T, S),
             fake_table(Float32, T, S), Int32(1), Int32(1), fake_stream(), options=COMPILE_OPTIONS)
 
-    return _cache.get(("indices", E, S, capacity, padded, renormalize, sorted_gather, overlap, parts), build)
+    return _cache.get(("indices", E, S, capacity, padded, renormalize, align, sorted_gather, overlap, parts), build)
 
 
 def histogram(ids: torch.Tensor, E: int, tile: int) -> torch.Tensor:
@@ -518,7 +530,7 @@ def histogram(ids: torch.Tensor, E: int, tile: int) -> torch.Tensor:
 
 
 def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: int, E: int, num_rows: int,
-            capacity: int | None = None, padded: bool = False, renormalize: bool = False):
+            capacity: int | None = None, padded: bool = False, renormalize: bool = False, align: int = 1):
     """Counts, offsets, routed counts, gather and scatter indices, kept weights (one launch).
 
     ``ids`` [T, S] int32 and ``weights`` [T, S] fp32, contiguous; ``hist`` (int16) from
@@ -532,7 +544,7 @@ def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: 
     gather = torch.empty(num_rows, dtype=torch.int32, device=dev)
     scatter = torch.empty(T, S, dtype=torch.int32, device=dev)
     kept_w = weights if capacity is None else torch.empty(T, S, dtype=torch.float32, device=dev)
-    fn = compile_indices(E, S, capacity is not None, padded, renormalize and capacity is not None)
+    fn = compile_indices(E, S, capacity is not None, padded, renormalize and capacity is not None, align)
     fn(ids, weights, hist.view(torch.int32), counts, offsets, routed, gather, scatter, kept_w, tile,
        capacity if capacity is not None else 0)
     return counts, offsets, routed, gather, scatter, kept_w

@@ -180,7 +180,7 @@ class PackScatter:
             if const_expr(self.zero_empty):  # the empty rows: capacity tail / padding
                 row = (bidx - token_ctas) * tl.rows_per_cta + group
                 if row < mOut.shape[0]:
-                    if mGather[row] < 0:
+                    if mGather[row] == -1:  # padding; -2 (past the last aligned block) is nobody's
                         frag.fill(0)
                         gOut = row_vectors(mOut, row, self.vec)
                         for c in cutlass.range(tl.chunks, unroll=1):

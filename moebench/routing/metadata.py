@@ -25,7 +25,11 @@ class RoutingMetadata:
     Packed layout: rows ``offsets[e] : offsets[e] + counts[e]`` hold expert ``e``'s tokens,
     in token order. Rows that hold no token (the tail past the last kept row under a
     capacity, or the padding of ``pad_to_capacity``) have ``gather_idx == -1`` and are
-    written as zeros by pack.
+    written as zeros by pack. With ``align`` each expert's block starts at a multiple of
+    ``align`` rows (a GEMM tile): the rows after its tokens up to the next multiple are padding
+    (-1, zeros); the buffer is sized for the most padding there can be, and the rows past
+    ``offsets[E]`` belong to no block (``gather_idx == BEYOND``, -2): pack need not write them,
+    combine and the expert GEMMs never read them.
 
     Fields (all on the device of the routing, int32 indices):
       counts       [E]       kept assignments per expert
@@ -37,6 +41,7 @@ class RoutingMetadata:
                              (renormalised over kept slots when asked)
       routed_counts [E]      assignments per expert before capacity (the load)
       capacity     per-expert capacity, or None when dropless
+      align        expert blocks start at multiples of this many rows (1: packed tight)
     """
 
     num_experts: int
@@ -48,6 +53,7 @@ class RoutingMetadata:
     routed_counts: torch.Tensor
     capacity: int | None = None
     padded: bool = False
+    align: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +70,13 @@ class RoutingMetadata:
     @property
     def may_have_empty_rows(self) -> bool:
         """Static: can some packed row hold no token (so pack must zero it)?"""
-        return self.capacity is not None or self.padded
+        return self.capacity is not None or self.padded or self.align > 1
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of the expert blocks, ``offsets[E]`` when aligned (a host sync), else every row:
+        the rows pack writes (the rest are ``BEYOND``)."""
+        return int(self.offsets[-1]) if self.align > 1 else self.num_rows
 
     def packed_weights(self) -> torch.Tensor:
         """Gate weights in packed order [R] (0 for empty rows)."""
@@ -92,6 +104,8 @@ class CapacitySpec:
     drop_policy: str = "position"  # position | probs
     pad_to_capacity: bool = False
     renormalize_after_drop: bool = False
+    #: each expert's block starts at a multiple of ``align`` rows (1: tight)
+    align: int = 1
 
     DROP_POLICIES = ("position", "probs")
 
@@ -105,13 +119,21 @@ class CapacitySpec:
             return None
         return max(ceil_capacity(self.factor, tokens, topk, experts), self.min_capacity)
 
+    def aligned(self, rows: int) -> int:
+        """``rows`` rounded up to a multiple of ``align``."""
+        return -(-rows // self.align) * self.align
+
     def packed_rows(self, tokens: int, slots: int, experts: int, num_rows: int | None = None) -> int:
         """Rows of the packed buffer: dropless ``num_rows`` (default every slot, T * S);
-        under a capacity ``E * capacity`` when padded, else at most that many kept rows."""
+        under a capacity ``E * capacity`` when padded, else at most that many kept rows. With
+        ``align``, the most the aligned blocks can take (each block rounds up by < ``align``)."""
         capacity = self.capacity(tokens, slots, experts)
+        spare = experts * (self.align - 1)
         if capacity is None:
-            return tokens * slots if num_rows is None else num_rows
-        return experts * capacity if self.pad_to_capacity else min(tokens * slots, experts * capacity)
+            return (tokens * slots if num_rows is None else num_rows) + spare
+        if self.pad_to_capacity:
+            return experts * self.aligned(capacity)
+        return min(tokens * slots + spare, experts * self.aligned(capacity))
 
 
 @dataclass
@@ -124,6 +146,7 @@ class CapacityConfig:
     drop_policy: str = "position"
     pad_to_capacity: bool = False
     renormalize_after_drop: bool = False
+    align: int = 1  # expert blocks start at multiples of this many rows (a GEMM tile: 16, 64, 128)
 
     def __post_init__(self):
         cf = self.cf
@@ -136,10 +159,17 @@ class CapacityConfig:
                               f"{', '.join(CapacitySpec.DROP_POLICIES)}")
         if self.pad_to_capacity and cf is None:
             raise ConfigError("capacity.pad_to_capacity=true needs a capacity factor (capacity.cf=<number>)")
+        if isinstance(self.align, bool) or self.align < 1:
+            raise ConfigError(f"capacity.align={self.align!r} is not accepted; an integer >= 1 (1: no padding; "
+                              "16, 64, 128: a GEMM tile)")
 
     def spec(self) -> CapacitySpec:
         return CapacitySpec(None if self.cf is None else float(self.cf), self.min_capacity, self.drop_policy,
-                            self.pad_to_capacity, self.renormalize_after_drop)
+                            self.pad_to_capacity, self.renormalize_after_drop, self.align)
+
+
+#: gather_idx of an aligned buffer's rows past the last block (see RoutingMetadata)
+BEYOND = -2
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -203,10 +233,11 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
     counts_all = _bincount(key, E + 1)
     counts = counts_all[:E].to(torch.int32)
     if capacity is not None and cap.pad_to_capacity:
-        offsets = torch.arange(E + 1, device=dev, dtype=torch.int64) * capacity
+        offsets = torch.arange(E + 1, device=dev, dtype=torch.int64) * cap.aligned(capacity)
     else:
         offsets = torch.zeros(E + 1, device=dev, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts_all[:E], 0)
+        blocks = counts_all[:E] if cap.align == 1 else (counts_all[:E] + cap.align - 1) // cap.align * cap.align
+        offsets[1:] = torch.cumsum(blocks, 0)
     sorted_key = key[order]
     starts = _exclusive_cumsum(counts_all)
     row = offsets[sorted_key.clamp(max=E)] + (torch.arange(n, device=dev) - starts[sorted_key])
@@ -218,6 +249,8 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
     gather = torch.full((R + 1,), -1, dtype=torch.int64, device=dev)
     gather.scatter_(0, torch.where(is_kept, row, R), order // S)
     gather = gather[:R]
+    if cap.align > 1:  # the rows past the last (aligned) block: nobody's, left unwritten by pack
+        gather = torch.where(torch.arange(R, device=dev) >= offsets[E], BEYOND, gather)
 
     w = torch.where(kept, weights.float(), 0.0)
     if cap.renormalize_after_drop and capacity is not None:
@@ -232,6 +265,31 @@ def build_metadata(ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
         routed_counts=routed_counts,
         capacity=capacity,
         padded=cap.pad_to_capacity and capacity is not None,
+        align=cap.align,
     )
 
 
+
+
+# -- rank-local metadata (expert parallelism) ---------------------------------------------------
+
+def expert_map(experts: int, local, device=None) -> torch.Tensor:
+    """[E] int32: each global expert's index among the experts a rank holds, -1 for another
+    rank's. ``local``: a ``range`` (a contiguous block) or the global ids in local order."""
+    ids = torch.as_tensor(list(local), dtype=torch.int64, device=device)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts or ids.unique().numel() != ids.numel()):
+        raise ValueError(f"local experts {list(local)} are not distinct ids in [0, {experts})")
+    m = torch.full((experts,), -1, dtype=torch.int32, device=device)
+    m[ids] = torch.arange(ids.numel(), dtype=torch.int32, device=device)
+    return m
+
+
+def local_metadata(ids: torch.Tensor, weights: torch.Tensor, experts: int, local,
+                   capacity: CapacitySpec = CapacitySpec(), num_rows: int | None = None,
+                   build=build_metadata) -> RoutingMetadata:
+    """The metadata of one rank's experts: slots that name another rank's expert are empty, the
+    local experts are numbered ``0 .. len(local) - 1`` in ``local``'s order, and the packed rows
+    hold only theirs. ``build``: the metadata builder (an implementation's ``metadata`` stage)."""
+    m = expert_map(experts, local, ids.device)
+    lid = torch.where(ids >= 0, m[ids.clamp(min=0).long()], -1).to(torch.int32)
+    return build(lid, weights, len(local), capacity, num_rows)

@@ -71,7 +71,7 @@ class RouterSpec:
     NAMES: ClassVar[tuple[str, ...]] = ()  # filled below from ROUTERS
 
     @property
-    def router(self) -> "Router":
+    def router(self) -> Router:
         """The semantics object of this router."""
         if self.name not in ROUTERS:
             raise ValueError(f"router={self.name!r}; accepted: {', '.join(ROUTERS)}")
@@ -150,6 +150,13 @@ class Router:
         ids = self.select(logits, k, bias, topk)
         return ids.to(torch.int32), self.weights(logits, ids, bias).float()
 
+    def gradient_form(self) -> tuple[str, bool, float, float]:
+        """How the weights follow from the logits, for their backward: (kind, renormalize,
+        temperature, scaling) with kind ``prob`` (the softmax over all E at the chosen experts),
+        ``softmax_k`` / ``sum_k`` (over the chosen logits / temperature), ``score`` (the chosen
+        sigmoid scores) or ``one`` (constant); then renormalised over the slots and scaled."""
+        return ("one", False, 1.0, 1.0)
+
     def selects_logits(self, has_bias: bool) -> bool:
         """Is the selection a per-token top-k of the logits themselves (the score a monotone
         function of the logit)? Then a top-k kernel on the logits selects like the reference,
@@ -173,9 +180,14 @@ class Router:
         return f"router={self.name} has no top-k selection to hand to quack"
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in (at least) fp32: 16-bit values upcast, fp64 kept (gradcheck runs in fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _probs(logits: torch.Tensor) -> torch.Tensor:
     """fp32 softmax over all experts (read in the logits' dtype, computed in fp32)."""
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def _gathered_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -209,6 +221,9 @@ class SoftmaxTopk(Router):
 
     def softmax_over_selected(self):
         return self._renormalize()  # p_i / sum of the selected p = softmax of the selected logits
+
+    def gradient_form(self):
+        return ("prob", self._renormalize(), 1.0, 1.0)
 
     def cute(self, experts, has_bias):
         # softmax is monotone in the logit: the kernel selects on the logits
@@ -249,7 +264,7 @@ class TopkSoftmax(Router):
             raise ConfigError(f"router.temperature={shown(s.temperature)} is not accepted; a number > 0")
 
     def weights(self, logits, ids, bias=None):
-        vals = logits.gather(1, ids.long()).float()
+        vals = _f32(logits.gather(1, ids.long()))
         return topk_softmax_weights(vals, self.spec.temperature, self.spec.normalize)
 
     def selects_logits(self, has_bias):
@@ -257,6 +272,10 @@ class TopkSoftmax(Router):
 
     def softmax_over_selected(self):
         return self.spec.normalize == "softmax" and self.spec.temperature == 1.0
+
+    def gradient_form(self):
+        kind = "softmax_k" if self.spec.normalize == "softmax" else "sum_k"
+        return (kind, False, float(self.spec.temperature), 1.0)
 
     def cute(self, experts, has_bias):
         weight = "softmax_k" if self.spec.normalize == "softmax" else "sum_k"
@@ -297,7 +316,7 @@ class SigmoidBias(Router):
     options = ("bias_std", "scaling", "score")
 
     def _scores(self, logits):
-        return torch.sigmoid(logits.float()) if self.spec.score == "sigmoid" else _probs(logits)
+        return torch.sigmoid(_f32(logits)) if self.spec.score == "sigmoid" else _probs(logits)
 
     def scores(self, logits, bias=None):
         s = self._scores(logits)
@@ -305,13 +324,16 @@ class SigmoidBias(Router):
 
     def weights(self, logits, ids, bias=None):
         if self.spec.score == "sigmoid":  # the sigmoid of the chosen logits only
-            s = torch.sigmoid(logits.gather(1, ids.long()).float())
+            s = torch.sigmoid(_f32(logits.gather(1, ids.long())))
         else:
             s = _gathered_probs(logits, ids)
         return _normalize(s) * self.spec.scaling
 
     def selects_logits(self, has_bias):
         return not has_bias
+
+    def gradient_form(self):
+        return ("score" if self.spec.score == "sigmoid" else "prob", True, 1.0, float(self.spec.scaling))
 
     def check(self, experts, topk):
         if self.spec.score not in ("sigmoid", "softmax"):
@@ -464,6 +486,9 @@ class ExpertChoice(Router):
     def weights(self, logits, ids, bias=None):
         return torch.where(ids >= 0, _gathered_probs(logits, ids.clamp(min=0)), 0.0)
 
+    def gradient_form(self):
+        return ("prob", False, 1.0, 1.0)
+
     def quack(self, dtype, has_bias):
         return ("impl=quack has no route for router=expert_choice: it is a top-C per expert over the tokens, "
                 "not a per-token top-k")
@@ -488,4 +513,17 @@ def reference_weights(logits: torch.Tensor, ids: torch.Tensor, spec: RouterSpec,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference gate weight of each (token, slot) for the experts ``ids`` -- what an
     implementation that returned ``ids`` must have returned as weights, slot by slot."""
-    return spec.router.weights(logits, ids, bias).float()
+    return _f32(spec.router.weights(logits, ids, bias))
+
+
+def route_backward(logits: torch.Tensor, ids: torch.Tensor, d_weights: torch.Tensor, spec: RouterSpec,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """d_logits [T, E] (the logits' dtype): torch autograd of the router's weights of the experts
+    ``ids`` (``reference_weights``); the selection and the selection bias have no gradient."""
+    x = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        w = reference_weights(x, ids, spec, bias)
+        if not w.requires_grad:  # constant weights (topk_hard, hash)
+            return torch.zeros_like(logits)
+        (g,) = torch.autograd.grad(w, x, d_weights.to(w.dtype))
+    return g

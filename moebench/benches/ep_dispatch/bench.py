@@ -7,10 +7,15 @@ Every rank holds ``tokens`` tokens of its own (``tokens`` is *per rank*) and run
 2. **dispatch**: exchange of the per-expert row counts (``all_to_all_single`` of an int64
    ``[E]`` tensor), pack (tokens to expert-contiguous rows, contiguous per destination rank),
    one host read of the split sizes, and ``all_to_all_single`` of the packed rows;
+   then (``bench.local_layout=expert``, the default) the received rows -- grouped by source
+   rank -- regrouped by local expert: rank-local metadata (``routing.local_metadata``, the
+   job's metadata implementation; blocks aligned with ``capacity.align``) and a pack, the
+   layout a grouped GEMM reads (``source``: the rows as received);
 3. local experts: ``identity`` (default: the received buffer is the output) or ``scale``
    (each row times a per-expert factor -- a misrouted row shows up);
-4. **combine**: the reverse ``all_to_all_single`` back into the rank's packed layout, then
-   the weighted combine (fp32 accumulation);
+4. **combine**: (``expert``: the rows back in received order, an unweighted one-slot combine)
+   the reverse ``all_to_all_single`` back into the rank's packed layout, then the weighted
+   combine (fp32 accumulation);
 
 plus **raw_a2a**, a raw ``all_to_all_single`` of the largest rank's byte count split evenly:
 the same job's ceiling (``pct_of_raw``). The result equals the single-process reference (bit for
@@ -37,7 +42,7 @@ import torch.distributed as dist
 from hydra.utils import get_class, instantiate
 
 from moebench.benches.base import Bench, BenchConfig, Call, Case, measure
-from moebench.benches.ep_dispatch.parallel import ExpertParallel, process_group, spawn
+from moebench.benches.ep_dispatch.parallel import LAYOUTS, ExpertParallel, process_group, spawn
 from moebench.benches.ep_dispatch.problem import (
     EXPERTS,
     EPProblem,
@@ -63,11 +68,19 @@ class EPDispatchConfig(BenchConfig):
 
     name: str = "ep_dispatch"
     expert: str = "identity"
+    #: expert (the received rows grouped by local expert through rank-local metadata, blocks
+    #: aligned with capacity.align: what a grouped GEMM reads) | source (as received)
+    local_layout: str = "expert"
     timeout_s: int = 600  # process-group timeout (a hung collective fails the job's rows after this)
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.direction != "fwd":
+            raise ConfigError(f"bench.direction={self.direction} is not accepted with bench=ep_dispatch; accepted: fwd")
         if self.expert not in EXPERTS:
             raise ConfigError(f"bench.expert={self.expert!r} is not accepted; accepted: {', '.join(EXPERTS)}")
+        if self.local_layout not in LAYOUTS:
+            raise ConfigError(f"bench.local_layout={self.local_layout!r} is not accepted; accepted: {', '.join(LAYOUTS)}")
         if self.timeout_s < 1:
             raise ConfigError(f"bench.timeout_s={self.timeout_s!r} is not accepted; an integer >= 1 (seconds)")
 
@@ -115,8 +128,9 @@ def rank_rows(rank: int, W: int, device: torch.device, p: EPProblem, warmup: int
               backend: str) -> list[dict]:
     """This rank's row of every stage."""
     inp = rank_inputs(p, rank, W, device)
-    pack_impl, combine_impl = instantiate(p.pack_impl), instantiate(p.combine_impl)
-    ep = ExpertParallel(W, rank, p.experts, p.weighted, pack=pack_impl.pack, combine=combine_impl.combine)
+    pack_impl, combine_impl, meta_impl = instantiate(p.pack_impl), instantiate(p.combine_impl), instantiate(p.metadata_impl)
+    ep = ExpertParallel(W, rank, p.experts, p.weighted, pack=pack_impl.pack, combine=combine_impl.combine,
+                        metadata=meta_impl.metadata, layout=p.layout, align=p.capacity.align)
     b = torch.finfo(p.dtype).bits // 8
     H = p.hidden
     out = torch.empty(p.tokens, H, dtype=p.dtype, device=device)
@@ -249,7 +263,8 @@ class EPDispatchBench(Bench):
             divisors = [d for d in range(1, job.experts + 1) if job.experts % d == 0]
             raise ConfigError(f"experts={job.experts} is not divisible by world_size={W}; expert parallelism "
                               f"splits experts evenly across ranks: accepted world_size: {', '.join(map(str, divisors))}")
-        for stage in ("pack", "combine"):
+        needs = ("pack", "combine", "metadata") if job.bench_config.local_layout == "expert" else ("pack", "combine")
+        for stage in needs:
             name = job.stage_impls[stage]
             if getattr(get_class(job.impl_configs[name]["_target_"]), stage) is getattr(Impl, stage):
                 raise ConfigError(f"impl_{stage}={name} is not accepted with bench=ep_dispatch: it has no {stage} "
@@ -266,7 +281,7 @@ class EPDispatchBench(Bench):
         j = self.job
         return (f"bench=ep_dispatch world_size={j.world_size} backend={self.backend()} T={j.tokens}/rank H={j.hidden} "
                 f"E={j.experts} ({j.experts // j.world_size}/rank) k={j.topk} dtype={j.dtype_name} "
-                f"expert={self.config.expert}")
+                f"expert={self.config.expert} local_layout={self.config.local_layout}")
 
     def headline(self) -> str:
         nccl = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_"))
@@ -279,7 +294,7 @@ class EPDispatchBench(Bench):
     def run(self, timer, progress=None):
         """Spawn the ranks; a rank that fails gives ``error`` rows (the job's table is written all the same)."""
         job = self.job
-        p = EPProblem.from_job(job, self.config.expert)
+        p = EPProblem.from_job(job, self.config.expert, self.config.local_layout)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="moebench-ep-") as d:
             path = str(Path(d) / "rows.pt")

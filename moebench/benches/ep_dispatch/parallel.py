@@ -17,12 +17,8 @@ import torch
 import torch.distributed as dist
 
 from moebench import routing
-from moebench.benches.ep_dispatch.problem import (
-    EPProblem,
-    apply_experts,
-    rank_inputs,
-    reference_forward,
-)
+from moebench.benches.ep_dispatch.problem import (EPProblem, apply_experts, packed_expert_ids, rank_inputs,
+                                                  reference_forward)
 from moebench.check import poison
 from moebench.routing import RoutingMetadata
 
@@ -36,18 +32,37 @@ class Plan:
     recv_counts: torch.Tensor    # [W, E/W]: rows from rank s for local expert j
     n_send: int
     n_recv: int
+    #: layout=expert: the rank-local metadata that grouped the received rows by local expert
+    local: RoutingMetadata | None = None
+
+
+#: how a rank hands its received rows to its experts: ``expert`` -- grouped by local expert
+#: (rank-local metadata, each expert's rows contiguous, blocks aligned with ``capacity.align``:
+#: what a grouped GEMM reads); ``source`` -- as received (by source rank, then expert)
+LAYOUTS = ("expert", "source")
 
 
 class ExpertParallel:
-    """Dispatch / local experts / combine of one rank, in an initialised process group."""
+    """Dispatch / local experts / combine of one rank, in an initialised process group.
+
+    ``pack`` / ``combine`` / ``metadata``: the implementation's stages around the all-to-alls.
+    With ``layout="expert"`` the received rows (grouped by source rank) are regrouped by local
+    expert through :func:`routing.local_metadata` (built by ``metadata``, packed by ``pack``),
+    and the combine's first step puts them back in received order (an unweighted combine of
+    one slot per row) before the reverse all-to-all."""
 
     def __init__(self, world_size: int, rank: int, experts: int, weighted: bool = True, group=None,
-                 pack=routing.pack, combine=routing.combine):
+                 pack=routing.pack, combine=routing.combine, metadata=routing.build_metadata,
+                 layout: str = "expert", align: int = 1):
         if experts % world_size:
             raise ValueError(f"experts={experts} not divisible by world_size={world_size}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}; accepted: {', '.join(LAYOUTS)}")
         self.W, self.rank, self.E, self.El = world_size, rank, experts, experts // world_size
         self.weighted, self.group = weighted, group
-        self._pack, self._combine = pack, combine
+        self._pack, self._combine, self._metadata = pack, combine, metadata
+        self.layout, self.align = layout, align
+        self.local = range(rank * self.El, (rank + 1) * self.El)
         self._buf: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -63,7 +78,8 @@ class ExpertParallel:
             poison(b)
 
     def dispatch(self, x: torch.Tensor, meta: RoutingMetadata) -> tuple[torch.Tensor, Plan]:
-        """Counts all-to-all, pack, split sizes to the host, token all-to-all."""
+        """Counts all-to-all, pack, split sizes to the host, token all-to-all; with
+        ``layout="expert"`` the received rows grouped by local expert."""
         W = self.W
         send_counts = (meta.offsets[1:] - meta.offsets[:-1]).to(torch.int64)
         recv_counts = torch.empty_like(send_counts)
@@ -74,7 +90,13 @@ class ExpertParallel:
         n_send, n_recv = sum(send_split), sum(recv_split)
         recv = self._buffer("recv", n_recv, x)
         dist.all_to_all_single(recv, packed[:n_send], recv_split, send_split, group=self.group)
-        return recv, Plan(send_split, recv_split, recv_counts.view(W, self.El), n_send, n_recv)
+        plan = Plan(send_split, recv_split, recv_counts.view(W, self.El), n_send, n_recv)
+        if self.layout == "source":
+            return recv, plan
+        ids = self.local_expert_ids(plan).to(torch.int32)[:, None]
+        plan.local = routing.local_metadata(ids, torch.ones(ids.shape, device=ids.device), self.E, self.local,
+                                            routing.CapacitySpec(align=self.align), build=self._metadata)
+        return self._pack(recv, plan.local, out=self._buffer("grouped", plan.local.num_rows, x)), plan
 
     def local_expert_ids(self, plan: Plan) -> torch.Tensor:
         """Global expert id of every received row (grouped by source rank, then expert)."""
@@ -85,10 +107,18 @@ class ExpertParallel:
     def experts(self, recv: torch.Tensor, plan: Plan, kind: str = "identity") -> torch.Tensor:
         if kind == "identity":
             return recv
-        return apply_experts(recv, self.local_expert_ids(plan), kind, self.E)
+        if plan.local is None:
+            return apply_experts(recv, self.local_expert_ids(plan), kind, self.E)
+        n = int(plan.local.offsets[-1])  # the blocks' rows (padding included); the rest is nobody's
+        out = recv.clone()
+        out[:n] = apply_experts(recv[:n], packed_expert_ids(plan.local) + self.rank * self.El, kind, self.E)
+        return out
 
     def combine(self, y: torch.Tensor, plan: Plan, meta: RoutingMetadata, out: torch.Tensor | None = None):
-        """Reverse all-to-all into the packed layout, then the weighted combine."""
+        """(layout=expert: the rows back in received order,) the reverse all-to-all into the
+        packed layout, then the weighted combine."""
+        if plan.local is not None:
+            y = self._combine(y, plan.local, out=self._buffer("ungrouped", plan.n_recv, y), weighted=False)
         back = self._buffer("back", meta.num_rows, y)
         if plan.n_send < meta.num_rows:
             back[plan.n_send:].zero_()
@@ -164,13 +194,15 @@ def run_problems(rank: int, world_size: int, device, problems: list[EPProblem]) 
     cases = []
     for p in problems:
         inp = rank_inputs(p, rank, world_size, device)
-        ep = ExpertParallel(world_size, rank, p.experts, p.weighted)
+        ep = ExpertParallel(world_size, rank, p.experts, p.weighted, layout=p.layout, align=p.capacity.align)
         recv, plan = ep.dispatch(inp.x, inp.meta)
         y = ep.combine(ep.experts(recv, plan, p.expert), plan, inp.meta)
         cases.append({"out": y.cpu(), "ref": reference_forward(inp.x, inp.meta, p.expert, p.weighted).cpu(),
                       "n_send": plan.n_send, "n_recv": plan.n_recv, "send_split": plan.send_split,
                       "recv_split": plan.recv_split, "recv_counts": plan.recv_counts.cpu(),
-                      "recv_expert_ids": ep.local_expert_ids(plan).cpu()})
+                      "recv_expert_ids": ep.local_expert_ids(plan).cpu(),
+                      "local_offsets": None if plan.local is None else plan.local.offsets.cpu(),
+                      "local_gather": None if plan.local is None else plan.local.gather_idx.cpu()})
     return {"backend": dist.get_backend(), "device": str(device), "cases": cases,
             "env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
 

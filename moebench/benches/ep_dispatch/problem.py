@@ -3,6 +3,7 @@ its local experts, and the single-process reference ``combine(expert(pack(x)))``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -35,17 +36,23 @@ class EPProblem:
     #: implementation configs (``conf/impl/*.yaml``) of the pack and combine around the all-to-alls
     pack_impl: dict = field(default_factory=lambda: {"_target_": "moebench.impls.torch_impl.TorchImpl", "name": "torch"})
     combine_impl: dict = field(default_factory=lambda: {"_target_": "moebench.impls.torch_impl.TorchImpl", "name": "torch"})
+    #: the metadata stage's implementation (layout=expert: the rank-local metadata of the received rows)
+    metadata_impl: dict = field(default_factory=lambda: {"_target_": "moebench.impls.torch_impl.TorchImpl",
+                                                         "name": "torch"})
+    #: how the received rows reach the experts (``parallel.LAYOUTS``)
+    layout: str = "expert"
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
 
     @classmethod
-    def from_job(cls, job: JobSpec, expert: str = "identity") -> "EPProblem":
+    def from_job(cls, job: JobSpec, expert: str = "identity", layout: str = "expert") -> EPProblem:
         return cls(job.tokens, job.hidden, job.experts, job.topk, job.dtype_name, job.seed, dict(job.logits),
                    job.router, job.capacity, job.weighted, expert,
                    pack_impl=job.impl_configs[job.stage_impls["pack"]],
-                   combine_impl=job.impl_configs[job.stage_impls["combine"]])
+                   combine_impl=job.impl_configs[job.stage_impls["combine"]],
+                   metadata_impl=job.impl_configs[job.stage_impls["metadata"]], layout=layout)
 
     def stage_impl(self, stage: str, backend: str) -> str:
         """What ran a stage: the pack / combine implementation and the collective backend."""
@@ -77,7 +84,9 @@ def rank_inputs(p: EPProblem, rank: int, world_size: int, device="cpu") -> RankI
     logits = logits.to(device)
     bias = p.router.expert_bias(E, device, p.seed)
     ids, w = routing.route(logits, p.topk, p.router, bias)
-    meta = routing.build_metadata(ids, w, E, p.capacity, p.router.num_rows(T, p.topk, E))
+    # the rows a rank sends are packed tight: capacity.align applies to its local experts' blocks
+    tight = dataclasses.replace(p.capacity, align=1)
+    meta = routing.build_metadata(ids, w, E, tight, p.router.num_rows(T, p.topk, E))
     g = torch.Generator(device=device).manual_seed(p.seed + 1 + 7919 * rank)
     x = torch.randn(T, p.hidden, generator=g, device=device, dtype=torch.float32).to(p.dtype)
     return RankInputs(logits, ids, w, meta, x)

@@ -110,6 +110,11 @@ class MoeLayerConfig(BenchConfig):
     fp32_reference: Any = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.direction != "fwd":
+            raise ConfigError(f"bench.direction={self.direction} is not accepted with bench=moe_layer: the layer's "
+                              "backward (quack's varlen and gated GEMM backward with the routing backward) is not "
+                              "built yet; accepted: fwd")
         if self.gemm not in GEMMS:
             raise ConfigError(f"bench.gemm={self.gemm!r} is not accepted; accepted: {', '.join(GEMMS)}")
         ref = self.fp32_reference
