@@ -18,7 +18,7 @@ from moebench.report.tables import METRIC_COLUMNS, _fmt_num, failures, markdown_
 
 CPU_NOTE = ("{n} ok CPU rows are neither ranked nor drawn in the timed figures: the data has GPU rows, and "
             "wall-clock CPU times compare with nothing on a card (their routing statistics are drawn; the rows "
-            "are in the tables below).")
+            "are in {where}).")
 
 def _uniq(df: pd.DataFrame, col: str) -> str:
     if col not in df.columns:
@@ -48,7 +48,7 @@ def render_markdown(df: pd.DataFrame, figures: dict, sources, board: pd.DataFram
     lines.append(leaderboard_markdown(leaderboard(df) if board is None else board, heading="###"))
     n_cpu = cpu_rows_left_out(df)
     if n_cpu:
-        lines += ["", CPU_NOTE.format(n=n_cpu)]
+        lines += ["", CPU_NOTE.format(n=n_cpu, where="the tables below")]
     lines += ["", "## Figures", ""]
     for name, png in figures.items():
         if png is None:
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     print(leaderboard_text(res["leaderboard"]))
     n_cpu = cpu_rows_left_out(df)
     if n_cpu:
-        print("\n" + CPU_NOTE.format(n=n_cpu))
+        print("\n" + CPU_NOTE.format(n=n_cpu, where="report.md's tables"))
     print()
     for name, path in res["figures"].items():
         print(f"  {path.resolve()}" if path is not None else f"  (no rows for {WHAT[name]})")
