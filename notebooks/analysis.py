@@ -18,13 +18,15 @@
 # # moebench: reading a sweep
 #
 # Loads one or more result tables (`results.parquet`, one per job) with
-# `moebench.results.load` and draws the roofline view, top-k time, drop rate vs capacity
-# factor, the per-expert load, the stage breakdowns, and every row that is not `ok`.
+# `moebench.results.load`, ranks the implementations per case (the leaderboard) and draws one
+# figure per question: bandwidth-bound stages against a copy, latency-bound stages against E,
+# k or T, what a capacity factor costs, the MoE layer against a dense GEMM, and the expert load
+# per routing distribution; then every row that is not `ok`.
 #
 # **Source of truth:** `notebooks/analysis.py` (jupytext percent format). After editing it,
 # regenerate the notebook with `jupytext --sync notebooks/analysis.py` (the `.ipynb` is kept
-# without outputs). The figures come from `moebench/report.py`, which also writes them as PNG
-# plus `report.md` from the command line: `python -m moebench.report runs/sample`.
+# without outputs). The leaderboard and the figures come from `moebench/report/`, which also
+# writes them as PNG plus `report.md` from the command line: `python -m moebench.report runs/sample`.
 #
 # **Which data:** the parameter cell below; by default `runs/sample` (the committed GPU
 # sample) relative to the repository root, or the path(s) in `$MOEBENCH_RESULTS` (several
@@ -110,52 +112,67 @@ if len(df):
     display(df.pivot_table(index="bench", columns="status", values="stage", aggfunc="count", fill_value=0))
 
 # %% [markdown]
-# ## Roofline view: % of copy bandwidth
+# ## Leaderboard
 #
-# Strict bytes (the least a stage must move) over time, as a percentage of a device-to-device
-# copy measured in the same job. 100 % (dashed) is the copy limit; one panel per shape.
+# Per card and timing mode (never ranked together), one row per case (stage, shape, dtype,
+# direction, routing variant): the fastest implementation (each by its fastest ok row of the
+# case), its median time, its % of the limit (a device-to-device copy for bandwidth-bound
+# stages, a dense GEMM of the same FLOPs for the layer's GEMMs; none for latency-bound stages
+# and chains), and every other implementation's time over the winner's. `board` is the same
+# table as a DataFrame (`ratios`: a dict per case).
 
 # %%
-report.show(report.fig_roofline(df), report.WHAT["roofline"])
-table = report.roofline_table(df)
-if len(table):
-    display(table)
+board = report.leaderboard(df)
+print(report.leaderboard_text(board))
+if report.cpu_rows_left_out(df):
+    print(f"\n{report.cpu_rows_left_out(df)} ok CPU rows are not ranked: the data has GPU rows")
 
 # %% [markdown]
-# ## Top-k time against E and k
+# ## How close to a copy is each implementation of a bandwidth-bound stage?
 #
-# Rows with `stage == "route"` (the `topk` bench and the first stage of `routing`).
+# Strict bytes (the least a stage must move) over time, as % of a device-to-device copy
+# measured in the same job; 100 % (dashed) is the copy limit. One row of axes per card and
+# timing mode, one column per stage (pack, combine, ...).
 
 # %%
-report.show(report.fig_topk(df), report.WHAT["topk"])
+report.show(report.fig_bandwidth(df), report.WHAT["bandwidth"])
 
 # %% [markdown]
-# ## Drop rate against the capacity factor
+# ## How do the latency-bound stages scale with E, k and T?
 #
-# `avg_drop_rate`: dropped (token, expert) assignments; `token_drop_rate`: tokens that lost
-# every assignment. One line per routing distribution (`logits`).
+# Route (top-k), select, metadata: median time on a log axis, against whichever of E, k, T
+# varies most; line style: the other dimensions.
 
 # %%
-report.show(report.fig_drop_rate(df), report.WHAT["drop_rate"])
+report.show(report.fig_latency(df), report.WHAT["latency"])
 
 # %% [markdown]
-# ## Per-expert load
+# ## What does a capacity factor cost?
 #
-# `expert_counts` (routed assignments per expert, before any capacity) for `EXPERT_ROW`, with
-# the mean and, when a capacity is enforced, the per-expert capacity.
+# `avg_drop_rate` (dropped (token, expert) assignments) and `padding_waste` (empty rows of the
+# packed buffer) against the capacity factor, one line per routing distribution (`logits`),
+# one column per card (no timing mode changes a routing).
+
+# %%
+report.show(report.fig_capacity(df), report.WHAT["capacity"])
+
+# %% [markdown]
+# ## Where does the MoE layer spend its time?
+#
+# Per GEMM path (its fastest job): the stages stacked, the measured total, a dense GEMM of the
+# same FLOPs (dashed), and the layer's and the expert FFN's TFLOP/s.
+
+# %%
+report.show(report.fig_moe_layer(df), report.WHAT["moe_layer"])
+
+# %% [markdown]
+# ## How unbalanced is each routing distribution?
+#
+# `expert_counts` (routed assignments per expert, before any capacity), experts sorted by load,
+# as load / mean; or, with `EXPERT_ROW` set, that row's counts with the mean and the capacity.
 
 # %%
 report.show(report.fig_expert_load(df, EXPERT_ROW), report.WHAT["expert_load"])
-
-# %% [markdown]
-# ## Stage breakdowns
-#
-# Median time of each stage of the `routing` chain and of the MoE layer (`bench == "moe_layer"`),
-# stacked, with the measured `total` as a mark.
-
-# %%
-report.show(report.fig_routing_stages(df), report.WHAT["routing_stages"])
-report.show(report.fig_moe_layer(df), report.WHAT["moe_layer"])
 
 # %% [markdown]
 # ## Rows that are not ok

@@ -1,5 +1,6 @@
-"""moebench.report: the figures and report.md over a real CPU sweep and hand-made tables
-(failures, a moe_layer bench, several impls / shapes / capacity factors), and empty data."""
+"""moebench.report: the leaderboard, the figures and report.md over a real CPU sweep and
+hand-made tables (failures, a moe_layer bench, several impls / shapes / capacity factors), and
+empty data. tests/test_report_figures.py checks the figures over two cards and timing modes."""
 
 import os
 import subprocess
@@ -51,7 +52,8 @@ def row(**kw) -> dict:
             "capacity_per_expert": None, "status": "ok", "message": "", "time_us_median": 100.0,
             "time_us_p10": 95.0, "time_us_p90": 110.0, "bw_GBps_strict": 2000.0, "copy_GBps": 3000.0,
             "pct_of_copy": 66.7, "avg_drop_rate": 0.0, "token_drop_rate": 0.0, "load_max_over_mean": 1.1,
-            "expert_counts": [256] * 128, "gpu_name": "NVIDIA H100 80GB HBM3", "torch_version": "2.13.0"}
+            "expert_counts": [256] * 128, "gpu_name": "NVIDIA H100 80GB HBM3", "torch_version": "2.13.0",
+            "timing_mode": "events"}
     return {**base, **kw}
 
 
@@ -131,12 +133,25 @@ def test_figures_draw_hand_made_rows(name):
     assert report.png_bytes(fig).startswith(PNG_MAGIC)
 
 
-def test_roofline_has_the_100_percent_line_and_one_panel_per_shape():
-    fig = report.fig_roofline(hand_frame())
+def test_bandwidth_has_one_axis_per_stage_and_the_100_percent_line():
+    fig = report.fig_bandwidth(hand_frame())
     panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(panels) == 3  # seed, deepseek_v3, and the top-k rows' auto shape
+    assert sorted(ax.get_title().split(" · ")[0] for ax in panels) == ["combine", "pack"]  # not route: latency
     for ax in panels:
-        assert any(list(line.get_ydata()) == [100.0, 100.0] for line in ax.get_lines())
+        assert any(list(line.get_xdata()) == [100.0, 100.0] for line in ax.get_lines())
+        assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == [
+            "deepseek_v3 T16384 H7168 E256 k8", "seed T16384 H4096 E128 k2"]
+
+
+def test_latency_draws_top_k_against_e_on_a_log_axis():
+    fig = report.fig_latency(hand_frame())
+    route = next(ax for ax in fig.axes if ax.get_visible() and ax.get_title().startswith("route "))
+    assert route.get_yscale() == "log" and route.get_xlabel() == "experts E"
+    # one line per implementation and k: the top-k rows' torch and quack, k = 1, 2, 8, over E;
+    # and the moe_layer's cute route, one point (E128, k2)
+    lines = [ln for ln in route.get_lines() if ln.get_gid() != "limit" and len(ln.get_xdata())]
+    assert sorted(len(ln.get_xdata()) for ln in lines) == [1, 3, 3, 3, 3, 3, 3]
+    assert all(list(ln.get_xdata()) == [64, 128, 256] for ln in lines if len(ln.get_xdata()) == 3)
 
 
 def test_expert_load_for_a_chosen_row_and_the_default_choice():
@@ -157,10 +172,10 @@ def test_failures_lists_every_non_ok_row():
     assert report.failures(pd.DataFrame()).empty
 
 
-def test_stage_breakdown_skips_a_missing_bench(cpu_sweep):
+def test_moe_layer_needs_its_bench(cpu_sweep):
     df = results.load(cpu_sweep)
     assert report.fig_moe_layer(df) is None
-    assert report.fig_routing_stages(df) is not None
+    assert report.fig_moe_layer(hand_frame()) is not None
 
 
 # -- the command ------------------------------------------------------------------------
@@ -171,13 +186,18 @@ def test_report_on_a_cpu_sweep(cpu_sweep, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve()) in proc.stdout
-    for name in ("roofline", "topk", "drop_rate", "expert_load", "routing_stages"):
+    for name in ("bandwidth", "latency", "capacity", "expert_load"):
         png = out / f"{name}.png"
         assert png.stat().st_size > 5000 and png.read_bytes().startswith(PNG_MAGIC), name
         assert f"]({name}.png)" in (out / "report.md").read_text()
     assert not (out / "moe_layer.png").exists()
     md = (out / "report.md").read_text()
-    assert "no rows for the MoE-layer stage breakdown" in md
+    assert f"no rows for {report.WHAT['moe_layer']}" in md
+    # the leaderboard, printed and in report.md: the CPU's, wall clock, torch alone on tiny
+    assert "== CPU · wall (wall clock):" in proc.stdout
+    assert "## Leaderboard" in md and "### CPU · wall (wall clock):" in md
+    pack = next(ln for ln in md.splitlines() if ln.startswith("| pack | tiny T512 H256 E8 k2 |"))
+    assert "| torch |" in pack and "% copy |" in pack
     for bench in ("routing", "capacity", "topk"):
         assert f"### {bench}" in md
     assert "None: every row is ok." in md
@@ -202,3 +222,22 @@ def test_report_lists_failures_and_defaults_next_to_the_sweep(tmp_path):
 def test_report_on_nothing_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "no results at" in capsys.readouterr().err
+
+
+SAMPLE = REPO / "runs" / "sample"
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="runs/sample (the committed GPU sample) is not here")
+def test_report_on_the_committed_sample(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moebench.report", str(SAMPLE), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in report.FIGURES:  # the sample has rows for every figure
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
+    # both cards, each timing mode apart; the CPU capacity grid's times not ranked beside them
+    for facet in ("NVIDIA H200 · events", "NVIDIA H200 · graph", "NVIDIA H100 80GB HBM3 · events",
+                  "NVIDIA H100 80GB HBM3 · graph", "NVIDIA H100 80GB HBM3 · rotated"):
+        assert f"== {facet} (" in proc.stdout, facet
+    assert "== CPU" not in proc.stdout and "ok CPU rows are neither ranked nor drawn" in proc.stdout
+    md = (tmp_path / "report.md").read_text()
+    assert "## Leaderboard" in md and md.index("## Leaderboard") < md.index("## Figures")

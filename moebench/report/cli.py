@@ -1,7 +1,7 @@
-"""``python -m moebench.report PATH... [--out DIR]``: the figures as PNG and ``report.md`` (the
-figures, the failures, a table of ok rows per bench), written next to the sweep unless ``--out``
-is given. PATH is anything ``moebench.results.load`` reads (a job or sweep folder, a .parquet
-file, a glob)."""
+"""``python -m moebench.report PATH... [--out DIR]``: prints the leaderboard and writes the
+figures as PNG and ``report.md`` (the leaderboard, the figures, the failures, a table of ok rows
+per bench), next to the sweep unless ``--out`` is given. PATH is anything
+``moebench.results.load`` reads (a job or sweep folder, a .parquet file, a glob)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from moebench.report.figures import FIGURES, WHAT
+from moebench.report.cases import cpu_rows_left_out
+from moebench.report.figures import FIGURES, TITLES, WHAT
+from moebench.report.leaderboard import leaderboard, leaderboard_markdown, leaderboard_text
 from moebench.report.tables import METRIC_COLUMNS, _fmt_num, failures, markdown_table, ok_table
+
+CPU_NOTE = ("{n} ok CPU rows are neither ranked nor drawn in the timed figures: the data has GPU rows, and "
+            "wall-clock CPU times compare with nothing on a card (their routing statistics are drawn; the rows "
+            "are in {where}).")
 
 def _uniq(df: pd.DataFrame, col: str) -> str:
     if col not in df.columns:
@@ -21,9 +27,10 @@ def _uniq(df: pd.DataFrame, col: str) -> str:
     return ", ".join(vals)
 
 
-def render_markdown(df: pd.DataFrame, figures: dict, sources) -> str:
-    """``report.md``: provenance, status counts, the figures (or why one is missing), a table
-    of ok rows per bench, and every failing row."""
+def render_markdown(df: pd.DataFrame, figures: dict, sources, board: pd.DataFrame | None = None) -> str:
+    """``report.md``: provenance, status counts, the leaderboard (``board``, by default
+    ``leaderboard(df)``), the figures (or why one is missing), every failing row, and a table of
+    ok rows per bench."""
     lines = ["# moebench report", ""]
     lines.append("Sources: " + ", ".join(f"`{s}`" for s in sources))
     lines.append("")
@@ -37,13 +44,17 @@ def render_markdown(df: pd.DataFrame, figures: dict, sources) -> str:
     if "status" in df.columns:
         counts = df["status"].value_counts()
         lines.append("- rows: " + ", ".join(f"{int(n)} {s}" for s, n in counts.items()) + f" ({len(df)} in all)")
+    lines += ["", "## Leaderboard", ""]
+    lines.append(leaderboard_markdown(leaderboard(df) if board is None else board, heading="###"))
+    n_cpu = cpu_rows_left_out(df)
+    if n_cpu:
+        lines += ["", CPU_NOTE.format(n=n_cpu, where="the tables below")]
     lines += ["", "## Figures", ""]
     for name, png in figures.items():
-        title = WHAT[name] if name in WHAT else name
         if png is None:
-            lines.append(f"- *no rows for {title}*")
+            lines.append(f"- *no rows for {WHAT.get(name, name)}*")
         else:
-            lines += [f"### {title[0].upper()}{title[1:]}", "", f"![{name}]({png})", ""]
+            lines += [f"### {TITLES.get(name, name)}", "", f"![{name}]({png})", ""]
     fails = failures(df)
     lines += ["", "## Failures (unsupported / mismatch / error)", ""]
     if fails.empty:
@@ -90,7 +101,7 @@ def default_out(paths) -> Path:
 
 def write_report(df: pd.DataFrame, out: str | Path, sources=(), dpi: int = 110) -> dict:
     """Write ``<name>.png`` for every figure with data and ``report.md`` into ``out``.
-    Returns ``{"report": path, "figures": {name: path or None}}``."""
+    Returns ``{"report": path, "figures": {name: path or None}, "leaderboard": DataFrame}``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path | None] = {}
@@ -103,11 +114,12 @@ def write_report(df: pd.DataFrame, out: str | Path, sources=(), dpi: int = 110) 
         path = out / f"{name}.png"
         fig.savefig(path, dpi=dpi)
         written[name] = path
+    board = leaderboard(df)
     md = render_markdown(df, {k: (v.name if v is not None else None) for k, v in written.items()},
-                         [str(s) for s in sources])
+                         [str(s) for s in sources], board=board)
     report = out / "report.md"
     report.write_text(md)
-    return {"report": report, "figures": written}
+    return {"report": report, "figures": written, "leaderboard": board}
 
 
 def main(argv=None) -> int:
@@ -131,6 +143,12 @@ def main(argv=None) -> int:
     res = write_report(df, out, sources=args.paths)
     figs = {k: v for k, v in res["figures"].items() if v is not None}
     print(f"moebench.report: {len(df)} rows -> {len(figs)} figures and report.md in {out.resolve()}")
+    print()
+    print(leaderboard_text(res["leaderboard"]))
+    n_cpu = cpu_rows_left_out(df)
+    if n_cpu:
+        print("\n" + CPU_NOTE.format(n=n_cpu, where="report.md's tables"))
+    print()
     for name, path in res["figures"].items():
         print(f"  {path.resolve()}" if path is not None else f"  (no rows for {WHAT[name]})")
     print(f"  {res['report'].resolve()}")

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 #: Order of stages in tables and figures (unknown stages follow, alphabetically).
-STAGE_ORDER = ["gate", "route", "metadata", "pack", "gemm1", "activation", "gemm2", "experts", "expert_ffn", "ffn",
-               "combine", "total", "dense_gemm"]
+STAGE_ORDER = ["gate", "route", "select", "metadata", "route_metadata", "pack", "gemm1", "activation", "gemm2",
+               "experts", "expert_ffn", "ffn", "combine", "total", "dense_gemm"]
 #: rows that aggregate or stand beside a chain's stages: never stacked in the stage breakdown
 #: (moe_layer: experts = gemm1 + activation + gemm2, dense_gemm = the same job's ceiling)
 NOT_STACKED = ("total", "experts", "dense_gemm", "raw_a2a")
@@ -76,16 +76,6 @@ def _shape_label(row) -> str:
     return f"{name} {dims}".strip() if isinstance(name, str) else dims
 
 
-def _varying(df: pd.DataFrame, keys) -> list[str]:
-    """The keys (present in df) that take more than one value in it."""
-    return [k for k in keys if k in df.columns and df[k].astype(str).nunique() > 1]
-
-
-def _join(row, keys, fmt=None) -> str:
-    fmt = fmt or {}
-    return " ".join(fmt.get(k, f"{k}={{}}").format(row[k]) for k in keys)
-
-
 def _fmt_num(v) -> str:
     if v is None or (np.isscalar(v) and pd.isna(v)) or v is pd.NA:
         return ""
@@ -130,20 +120,6 @@ def ok_table(df: pd.DataFrame, bench: str) -> pd.DataFrame:
                        _o=view["stage"].map(_stage_key) if "stage" in view.columns else 0)
     view = view.sort_values([*keys, "_job", "_o"], kind="stable").drop(columns=["_job", "_o"])
     return view.reset_index(drop=True)
-
-
-def roofline_table(df: pd.DataFrame) -> pd.DataFrame:
-    """``pct_of_copy`` of the ok rows: (shape_name, bench, stage) × implementation, medians."""
-    d = ok_rows(df)
-    if not _has(d, "pct_of_copy", "stage", "stage_impl", "shape_name", "bench"):
-        return pd.DataFrame()
-    d = d[d["pct_of_copy"].notna()]
-    if d.empty:
-        return pd.DataFrame()
-    d = d.assign(impl=d["stage_impl"].map(_short_impl))
-    t = d.pivot_table(index=["shape_name", "bench", "stage"], columns="impl", values="pct_of_copy", aggfunc="median")
-    order = sorted(t.index, key=lambda i: (i[0], i[1], _stage_key(i[2])))
-    return t.loc[order].round(1)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
