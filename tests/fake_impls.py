@@ -25,3 +25,32 @@ class SwapsExperts(TorchImpl):
     def route(self, logits, k, router, bias=None, out=None):
         ids, w = routing.route(logits, k, router, bias)
         return torch.flip(ids, [1]), torch.flip(w, [1])
+
+
+class KillsItsProcessAtTopk2(TorchImpl):
+    """Routes like the reference, except at k = 2, where it kills its own process (as a kernel
+    fault that takes the process with it would)."""
+
+    name = "kills_at_topk2"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        if k == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return routing.route(logits, k, router, bias)
+
+
+class CrashesAtExit(TorchImpl):
+    """The reference, whose process then dies of SIGSEGV as it exits (as a CUDA teardown can)."""
+
+    name = "crashes_at_exit"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        import atexit
+        import os
+        import signal
+
+        atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+        return routing.route(logits, k, router, bias)
