@@ -19,7 +19,7 @@ LAYERS = [
     ("moebench.benches",),
     ("moebench.config",),
     ("moebench.runner",),
-    ("moebench.app", "moebench.cli", "moebench.sweep", "moebench.job_process"),
+    ("moebench.app", "moebench.cli", "moebench.sweep", "moebench.slurm", "moebench.job_process"),
     ("moebench.report", "moebench.timing_check"),
 ]
 #: what no bench may import

@@ -1,18 +1,18 @@
 """The launcher classes Hydra instantiates from ``hydra.launcher._target_`` and the schema of
-``hydra/launcher=process``. Their ``launch`` is in ``moebench.sweep`` (imported when a sweep
-launches, so Hydra's plugin scan stays fast).
+``hydra/launcher=process``. Their ``launch`` is in ``moebench.sweep`` / ``moebench.slurm``
+(imported when a sweep launches, so Hydra's plugin scan stays fast and needs no submitit).
 
 No ``from __future__ import annotations`` here: Hydra's plugin scan runs this module before it
 is in ``sys.modules``, where ``dataclass`` cannot resolve string annotations."""
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -46,3 +46,15 @@ class ProcessLauncher(_Launcher):
 
         return launch(self, job_overrides, initial_job_idx)
 
+
+class SlurmLauncher(_Launcher):
+    """``hydra/launcher=slurm``: the options of Hydra's submitit Slurm launcher (``params``)."""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in params.items()}
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from moebench.slurm import launch
+
+        return launch(self, job_overrides, initial_job_idx)
