@@ -54,3 +54,29 @@ class CrashesAtExit(TorchImpl):
 
         atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
         return routing.route(logits, k, router, bias)
+
+
+class SleepsInPackAndCombine(TorchImpl):
+    """The reference, with a fixed sleep in pack and in combine: stages whose wall time the
+    machine's load barely moves, so two runs of the same code measure alike (compare's tests)."""
+
+    name = "sleeps"
+    pack_s = combine_s = 0.010
+
+    def pack(self, x, meta, out=None):
+        import time
+
+        time.sleep(self.pack_s)
+        return routing.pack(x, meta, out)
+
+    def combine(self, y, meta, out=None, weighted=True):
+        import time
+
+        time.sleep(self.combine_s)
+        return routing.combine(y, meta, out, weighted)
+
+
+class SleepsTwiceAsLongInPack(SleepsInPackAndCombine):
+    """The same, with pack twice as slow: a planted 2x slowdown (combine unchanged)."""
+
+    pack_s = 0.020

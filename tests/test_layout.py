@@ -20,7 +20,7 @@ LAYERS = [
     ("moebench.config",),
     ("moebench.runner",),
     ("moebench.app", "moebench.cli", "moebench.sweep", "moebench.slurm", "moebench.job_process"),
-    ("moebench.report", "moebench.timing_check"),
+    ("moebench.report", "moebench.timing_check", "moebench.compare"),
 ]
 #: what no bench may import
 ABOVE_BENCHES = ("moebench.config", "moebench.runner", "moebench.app", "moebench.cli")
