@@ -202,3 +202,14 @@ def test_report_lists_failures_and_defaults_next_to_the_sweep(tmp_path):
 def test_report_on_nothing_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "no results at" in capsys.readouterr().err
+
+
+def test_report_without_matplotlib_names_the_extra(tmp_path):
+    """Without the notebook extra: one line saying which extra to install, exit 2."""
+    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['moebench.report', sys.argv[1]]; "
+            "runpy.run_module('moebench.report', run_name='__main__', alter_sys=True)")
+    p = subprocess.run([sys.executable, "-c", hide, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == ("moebench.report: error: the figures need matplotlib, which the notebook extra installs: "
+                        "pip install -e '.[notebook]'\n")
