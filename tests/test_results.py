@@ -81,15 +81,19 @@ def test_a_config_key_has_one_column_type_in_every_job():
 
 
 def test_duckdb_reads_every_bench_without_widening_config_columns(tmp_path):
-    """Tables of jobs whose configs differ in what is null (cf of a dropless job, tokens of a
-    preset, quack_config) read with DuckDB's union_by_name: each cfg.* column keeps its type."""
+    """Tables of every bench, whose configs differ in what is null (cf of a dropless job,
+    world_size, quack_config) read with DuckDB's union_by_name: each cfg.* column keeps its type."""
     duckdb = pytest.importorskip("duckdb")
     from moebench.config import compose
     from moebench.runner import run_job
 
     fast = ["shape=tiny", "timing.warmup=1", "timing.repeats=2"]
     jobs = [["bench=pack"], ["bench=capacity", "capacity=cf", "capacity.cf=1.25"], ["bench=topk", "logits=zipf"],
-            ["bench=routing", "router=sigmoid_bias", "impl=cute"], ["bench=combine", "bench.weighted=false"]]
+            ["bench=routing", "router=sigmoid_bias", "impl=cute"], ["bench=combine", "bench.weighted=false"],
+            ["bench=router"], ["bench=moe_layer", "bench.fp32_reference=true"], ["bench=ep_dispatch", "world_size=2"]]
+    from moebench.benches import BENCHES
+
+    assert {job[0].removeprefix("bench=") for job in jobs} == set(BENCHES)  # every bench's table
     types = {}
     for i, job in enumerate(jobs):
         cfg = compose([*fast, *job])
@@ -102,6 +106,7 @@ def test_duckdb_reads_every_bench_without_widening_config_columns(tmp_path):
     assert got == {k: want[str(t)] for k, t in types.items() if not k.startswith("cfg.hydra.")}
     assert got["cfg.capacity.cf"] == "DOUBLE" and got["cfg.bench.weighted"] == "BOOLEAN"
     assert got["cfg.impl.router_prefetch"] == "BOOLEAN" and got["cfg.router.bias_std"] == "DOUBLE"
+    assert got["cfg.world_size"] == "BIGINT" and got["cfg.bench.fp32_reference"] == "VARCHAR"
     n = duckdb.connect().execute(f"select count(*) from read_parquet('{tmp_path}/**/*.parquet', union_by_name=true)"
                                  " where \"cfg.capacity.cf\" = 1.25").fetchone()[0]
     assert n == len(results.load(tmp_path / "1"))
