@@ -1,10 +1,11 @@
 """One job of a ``hydra/launcher=process`` sweep in a process of its own:
-``python -m moebench.job_process JOB RESULT PARENT_PID`` (started by ``moebench.sweep``).
+``python -m moebench.job_process RESULT_FD PARENT_PID`` (started by ``moebench.sweep``).
 
-JOB is the job cloudpickled (Hydra's context, the task function, the job's config and Hydra's
-singletons); the job runs through Hydra's ``run_job`` exactly as in Hydra's own launcher, and its
-JobReturn is written to RESULT atomically -- a process that dies leaves no RESULT, and the sweep
-reports it with its exit signal. The process dies with the sweep (Linux: ``PR_SET_PDEATHSIG``).
+The job comes cloudpickled on stdin (Hydra's context, the task function, the job's config and
+Hydra's singletons); it runs through Hydra's ``run_job`` exactly as in Hydra's own launcher, and
+its JobReturn goes back cloudpickled on the pipe RESULT_FD when it is done -- a process that dies
+sends none (or a cut-short one), and the sweep reports it with its exit signal. The process dies
+with the sweep (Linux: ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ def transportable(ret):
 
 
 def main(argv: list[str]) -> int:
-    job_file, result_file, parent = argv
-    die_with_parent(int(parent))
+    result_fd, parent = map(int, argv)
+    die_with_parent(parent)
     import cloudpickle
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobStatus, run_job, setup_globals
 
     from moebench.runner import JobFailed
 
-    with open(job_file, "rb") as f:
-        job = cloudpickle.load(f)
+    job = cloudpickle.load(sys.stdin.buffer)
+    devnull = os.open(os.devnull, os.O_RDONLY)  # the job's stdin: not the pipe its job came on
+    os.dup2(devnull, 0)
+    os.close(devnull)
     Singleton.set_state(job["singleton_state"])
     setup_globals()
     ret = run_job(hydra_context=job["hydra_context"], task_function=job["task_function"], config=job["config"],
@@ -56,10 +59,8 @@ def main(argv: list[str]) -> int:
     if ret.status == JobStatus.FAILED and not isinstance(ret._return_value, JobFailed):
         e = ret._return_value
         traceback.print_exception(type(e), e, e.__traceback__)  # the sweep's process gets its one line only
-    tmp = f"{result_file}.tmp"
-    with open(tmp, "wb") as f:
-        cloudpickle.dump(transportable(ret), f)
-    os.replace(tmp, result_file)
+    with os.fdopen(result_fd, "wb") as f:
+        f.write(cloudpickle.dumps(transportable(ret)))
     return 0
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -166,31 +166,42 @@ def died(returncode: int | None, timeout_min: float | None) -> str:
 
 def run_in_process(payload: dict, timeout_min: float | None) -> tuple[JobReturn | None, int | None]:
     """Run one Hydra job (``moebench.job_process``) and wait: (its JobReturn, or None when the
-    process ended without one; the exit status, None when it was killed past the timeout)."""
+    process ended without one; the exit status, None when it was killed past the timeout). The
+    job goes to the process on its stdin and its JobReturn comes back on a pipe: nothing is left
+    on disk, whatever kills either process."""
     import cloudpickle
 
-    with tempfile.TemporaryDirectory(prefix="moebench-job-") as tmp:
-        job_file, result_file = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
-        with open(job_file, "wb") as f:
-            cloudpickle.dump(payload, f)
-        path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        proc = subprocess.Popen([sys.executable, "-m", "moebench.job_process", str(job_file), str(result_file),
-                                 str(os.getpid())], env=env)
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "moebench.job_process", str(write_fd), str(os.getpid())],
+                            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 1 << 20), b"")), daemon=True)
+    reader.start()
+    try:
         try:
-            rc: int | None = proc.wait(timeout=None if timeout_min is None else timeout_min * 60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-        except BaseException:  # Ctrl-C, or the sweep stopped otherwise: the job stops with it
-            proc.kill()
-            proc.wait()
-            raise
-        if not result_file.is_file():
-            return None, rc
-        with open(result_file, "rb") as f:
-            return cloudpickle.load(f), rc
+            proc.stdin.write(cloudpickle.dumps(payload))
+            proc.stdin.close()
+        except BrokenPipeError:  # the process died before it read its job: its exit status says how
+            pass
+        rc: int | None = proc.wait(timeout=None if timeout_min is None else timeout_min * 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    except BaseException:  # Ctrl-C, or the sweep stopped otherwise: the job stops with it
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join(timeout=60)
+        os.close(read_fd)
+    try:
+        return cloudpickle.loads(b"".join(chunks)), rc
+    except Exception:  # noqa: BLE001 -- nothing, or a result cut short by the process's death
+        return None, rc
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
