@@ -26,14 +26,30 @@ def _values(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+#: launchers that run through Hydra's submitit plugin (the cluster extra)
+SUBMITIT_LAUNCHERS = ("slurm", "local", "submitit_slurm", "submitit_local")
+
+
+def check_launcher(value: str) -> str | None:
+    """``hydra/launcher=slurm`` (or local) without Hydra's submitit plugin: the extra to install."""
+    import importlib.util
+
+    if value in SUBMITIT_LAUNCHERS and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        return f"hydra/launcher={value} needs Hydra's submitit launcher: pip install -e '.[cluster]'"
+    return None
+
+
 def check_overrides(argv: list[str]) -> str | None:
-    """The error line for the first override naming an unknown group option, else None."""
+    """The error line for the first override naming an unknown group option (or a launcher whose
+    plugin is not installed), else None."""
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
+        if key == "hydra/launcher" and check_launcher(value):
+            return check_launcher(value)
         if key not in groups:
             continue
         accepted = options(key)

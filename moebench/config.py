@@ -60,6 +60,9 @@ class MoebenchConfig:
     impl_pack: str | None = None
     impl_combine: str | None = None
     world_size: int | None = None  # ranks of bench=ep_dispatch
+    # re-running into an earlier job or sweep folder: skip each job whose table holds the same
+    # config and no failed row (moebench.runner.resume_skip)
+    resume: bool = False
 
 
 def register() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 FILENAME = "results.parquet"
 STATUSES = ("ok", "unsupported", "mismatch", "error")
@@ -58,6 +60,9 @@ FIELDS = [
     ("intermediate", _I), ("gemm_impl", _S), ("expert_rows", _I), ("flops", _F), ("tflops", _F),
     ("pct_of_dense", _F), ("routing_share", _F),
     # --- end MoE layer ---
+    # --- resumable sweeps (moebench.runner): the hash of the job's resolved config ---
+    ("config_hash", _S),
+    # --- end resumable sweeps ---
 ]
 COLUMNS = [name for name, _ in FIELDS]
 
@@ -83,16 +88,56 @@ def flatten_config(cfg: dict, prefix: str = "cfg.") -> dict:
     return out
 
 
-def schema_for(config_columns: dict) -> pa.Schema:
-    """The fixed schema plus typed ``cfg.*`` columns for this job's config."""
-    extra = [(k, _leaf_type(v)) for k, v in config_columns.items()]
+#: the column type of a typed config leaf; every other leaf (a string, an untyped ``Any``
+#: leaf, a list) is a string column
+_NODE_TYPES = {BooleanNode: _B, IntegerNode: _I, FloatNode: _F}
+
+
+def config_leaves(cfg: DictConfig, prefix: str = "cfg.") -> tuple[dict, dict]:
+    """Every leaf of a composed config as ``cfg.<dotted.path>``, typed by its schema rather than
+    its value, so a key has one type in every job of every bench (``cfg.capacity.cf`` is a
+    double where it is null too; an untyped leaf that holds ``auto`` in one job and ``true`` in
+    another is a string in both): DuckDB's ``union_by_name`` then never widens a column to
+    VARCHAR. Returns (values, types)."""
+    values, types = {}, {}
+    for k in cfg.keys():
+        node, name = cfg._get_node(k), f"{prefix}{k}"
+        if isinstance(node, DictConfig) and not node._is_none():
+            v, t = config_leaves(node, f"{name}.")
+            values.update(v)
+            types.update(t)
+            continue
+        value = cfg[k]
+        if isinstance(value, ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        kind = _NODE_TYPES.get(type(node), _S)
+        values[name] = value if value is None or kind is not _S else str(value)
+        types[name] = kind
+    return values, types
+
+
+def schema_for(config_columns: dict, config_types: dict | None = None) -> pa.Schema:
+    """The fixed schema plus typed ``cfg.*`` columns for this job's config (``config_types``:
+    a column's type where given, else the type of its value)."""
+    types = config_types or {}
+    extra = [(k, types.get(k) or _leaf_type(v)) for k, v in config_columns.items()]
     return pa.schema(FIELDS + extra)
 
 
-def write(rows: list[dict], path: str | Path, config_columns: dict | None = None) -> Path:
+#: the temporary file :func:`write` renames into place; one left behind is a killed writer's
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".results-", ".parquet.tmp"
+
+
+def partial_files(folder: str | Path) -> list[Path]:
+    """The temporary files of writers killed before their rename (never a ``results.parquet``)."""
+    return sorted(Path(folder).glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
+
+
+def write(rows: list[dict], path: str | Path, config_columns: dict | None = None,
+          config_types: dict | None = None) -> Path:
     """Write rows atomically (temp file in the same folder, then rename)."""
     config_columns = config_columns or {}
-    schema = schema_for(config_columns)
+    schema = schema_for(config_columns, config_types)
     full = [{**{c: None for c in schema.names}, **config_columns, **r} for r in rows]
     for r in full:
         if r["status"] not in STATUSES:
@@ -100,7 +145,7 @@ def write(rows: list[dict], path: str | Path, config_columns: dict | None = None
     table = pa.Table.from_pylist(full, schema=schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".parquet.tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         pq.write_table(table, tmp)

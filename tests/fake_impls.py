@@ -87,3 +87,58 @@ class FP8OneBitOff(ReferenceImpl):
         q, s = routing.pack_fp8(x, meta, quant)
         q.view(torch.uint8)[-1, 0] ^= 1
         return q, s
+
+
+class KillsItsProcessAtTopk2(TorchImpl):
+    """Routes like the reference, except at k = 2, where it kills its own process (as a kernel
+    fault that takes the process with it would)."""
+
+    name = "kills_at_topk2"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        if k == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return routing.route(logits, k, router, bias)
+
+
+class CrashesAtExit(TorchImpl):
+    """The reference, whose process then dies of SIGSEGV as it exits (as a CUDA teardown can)."""
+
+    name = "crashes_at_exit"
+
+    def route(self, logits, k, router, bias=None, out=None):
+        import atexit
+        import os
+        import signal
+
+        atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+        return routing.route(logits, k, router, bias)
+
+
+class SleepsInPackAndCombine(TorchImpl):
+    """The reference, with a fixed sleep in pack and in combine: stages whose wall time the
+    machine's load barely moves, so two runs of the same code measure alike (compare's tests)."""
+
+    name = "sleeps"
+    pack_s = combine_s = 0.010
+
+    def pack(self, x, meta, out=None):
+        import time
+
+        time.sleep(self.pack_s)
+        return routing.pack(x, meta, out)
+
+    def combine(self, y, meta, out=None, weighted=True):
+        import time
+
+        time.sleep(self.combine_s)
+        return routing.combine(y, meta, out, weighted)
+
+
+class SleepsTwiceAsLongInPack(SleepsInPackAndCombine):
+    """The same, with pack twice as slow: a planted 2x slowdown (combine unchanged)."""
+
+    pack_s = 0.020

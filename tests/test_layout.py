@@ -20,8 +20,8 @@ LAYERS = [
     ("moebench.benches",),
     ("moebench.config",),
     ("moebench.runner",),
-    ("moebench.app", "moebench.cli"),
-    ("moebench.report", "moebench.timing_check"),
+    ("moebench.app", "moebench.cli", "moebench.sweep", "moebench.slurm", "moebench.job_process"),
+    ("moebench.report", "moebench.timing_check", "moebench.compare"),
 ]
 #: what no bench may import
 ABOVE_BENCHES = ("moebench.config", "moebench.runner", "moebench.app", "moebench.cli")

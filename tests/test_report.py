@@ -241,3 +241,14 @@ def test_report_on_the_committed_sample(tmp_path):
     assert "== CPU" not in proc.stdout and "ok CPU rows are neither ranked nor drawn" in proc.stdout
     md = (tmp_path / "report.md").read_text()
     assert "## Leaderboard" in md and md.index("## Leaderboard") < md.index("## Figures")
+
+
+def test_report_without_matplotlib_names_the_extra(tmp_path):
+    """Without the notebook extra: one line saying which extra to install, exit 2."""
+    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['moebench.report', sys.argv[1]]; "
+            "runpy.run_module('moebench.report', run_name='__main__', alter_sys=True)")
+    p = subprocess.run([sys.executable, "-c", hide, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == ("moebench.report: error: the figures need matplotlib, which the notebook extra installs: "
+                        "pip install -e '.[notebook]'\n")

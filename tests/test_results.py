@@ -72,3 +72,59 @@ def test_merge_compacts_a_sweep_into_one_table_load_reads(tmp_path):
                                   before[cols].sort_values("topk").reset_index(drop=True))
     assert not list((tmp_path / "merged").glob(".results-*"))
     assert results.main(["merge", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x.parquet")]) == 2
+
+
+def _every_option_composed():
+    from moebench.config import compose, options
+
+    for group in ("bench", "impl", "router", "logits", "capacity", "timing", "shape"):
+        for opt in options(group):
+            extra = {"group_limited": ["experts=16", "topk=2"], "from_file": ["logits.path=trace.pt"]}.get(opt, [])
+            yield compose([f"{group}={opt}", *extra])
+
+
+def test_a_config_key_has_one_column_type_in_every_job():
+    """Typed by the schema, not the value: a null cf is a double column, an untyped leaf that
+    holds 'auto' or true is a string column, in every option of every group."""
+    seen: dict = {}
+    for cfg in _every_option_composed():
+        values, types = results.config_leaves(cfg)
+        assert set(values) == set(types)
+        for k, t in types.items():
+            seen.setdefault(k, set()).add(str(t))
+    mixed = {k: t for k, t in seen.items() if len(t) > 1}
+    assert not mixed, mixed
+    assert seen["cfg.capacity.cf"] == {"double"} and seen["cfg.tokens"] == {"int64"}
+    assert seen["cfg.bench.fp32_reference"] == {"string"} and seen["cfg.impl.router_prefetch"] == {"bool"}
+
+
+def test_duckdb_reads_every_bench_without_widening_config_columns(tmp_path):
+    """Tables of every bench, whose configs differ in what is null (cf of a dropless job,
+    world_size, quack_config) read with DuckDB's union_by_name: each cfg.* column keeps its type."""
+    duckdb = pytest.importorskip("duckdb")
+    from moebench.config import compose
+    from moebench.runner import run_job
+
+    fast = ["shape=tiny", "timing.warmup=1", "timing.repeats=2"]
+    jobs = [["bench=pack"], ["bench=capacity", "capacity=cf", "capacity.cf=1.25"], ["bench=topk", "logits=zipf"],
+            ["bench=routing", "router=sigmoid_bias", "impl=cute"], ["bench=combine", "bench.weighted=false"],
+            ["bench=router"], ["bench=moe_layer", "bench.fp32_reference=true"], ["bench=ep_dispatch", "world_size=2"]]
+    from moebench.benches import BENCHES
+
+    assert {job[0].removeprefix("bench=") for job in jobs} == set(BENCHES)  # every bench's table
+    types = {}
+    for i, job in enumerate(jobs):
+        cfg = compose([*fast, *job])
+        run_job(cfg, tmp_path / str(i))
+        types.update(results.config_leaves(cfg)[1])
+    described = duckdb.connect().execute(
+        f"describe select * from read_parquet('{tmp_path}/**/*.parquet', union_by_name=true)").fetchall()
+    got = {name: kind for name, kind, *_ in described if name.startswith("cfg.")}
+    want = {"int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN", "string": "VARCHAR"}
+    assert got == {k: want[str(t)] for k, t in types.items() if not k.startswith("cfg.hydra.")}
+    assert got["cfg.capacity.cf"] == "DOUBLE" and got["cfg.bench.weighted"] == "BOOLEAN"
+    assert got["cfg.impl.router_prefetch"] == "BOOLEAN" and got["cfg.router.bias_std"] == "DOUBLE"
+    assert got["cfg.world_size"] == "BIGINT" and got["cfg.bench.fp32_reference"] == "VARCHAR"
+    n = duckdb.connect().execute(f"select count(*) from read_parquet('{tmp_path}/**/*.parquet', union_by_name=true)"
+                                 " where \"cfg.capacity.cf\" = 1.25").fetchone()[0]
+    assert n == len(results.load(tmp_path / "1"))

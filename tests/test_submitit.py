@@ -34,7 +34,7 @@ def test_slurm_launcher_config_one_gpu_per_job_overridable():
     cfg = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
                     "hydra.launcher.array_parallelism=4")
     lc = cfg.hydra.launcher
-    assert lc._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert lc._target_ == "hydra_plugins.moebench_launcher.launchers.SlurmLauncher"  # waits for every job
     assert (lc.partition, lc.timeout_min, lc.array_parallelism) == ("gpu", 30, 4)
     assert (lc.gpus_per_node, lc.tasks_per_node, lc.nodes) == (1, 1, 1)
     assert hydra_cfg("hydra/launcher=slurm").hydra.launcher.partition is None
@@ -94,3 +94,16 @@ def test_ep_dispatch_job_spawns_its_ranks_inside_a_submitit_job(tmp_path):
     df = results.load(tmp_path)
     assert (df.status == "ok").all(), df.message.tolist()
     assert len(df) == 8 and sorted(set(df["rank"])) == [0, 1] and (df.job_num == 0).all()
+
+
+def test_a_submitit_launcher_without_its_plugin_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from moebench import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hydra_plugins.hydra_submitit_launcher" else real(name, *a))
+    assert cli.check_overrides(["-m", "hydra/launcher=slurm", "topk=1,2"]) == (
+        "hydra/launcher=slurm needs Hydra's submitit launcher: pip install -e '.[cluster]'")
+    assert cli.check_overrides(["-m", "hydra/launcher=process", "topk=1,2"]) is None

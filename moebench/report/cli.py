@@ -129,8 +129,12 @@ def main(argv=None) -> int:
                     help="job or sweep folders, results.parquet files or globs")
     ap.add_argument("--out", metavar="DIR", help="where to write (default: the first PATH if a folder, else its parent)")
     args = ap.parse_args(argv)
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("moebench.report: error: the figures need matplotlib, which the notebook extra installs: "
+              "pip install -e '.[notebook]'", file=sys.stderr)
+        return 2
     matplotlib.use("Agg")  # no display, no browser (the figures never go through pyplot anyway)
     from moebench import results
 
