@@ -53,7 +53,9 @@ def test_shape_presets_match_published_configs():
     want = {"seed": (16384, 4096, 128, 2), "mixtral_8x7b": (16384, 4096, 8, 2),
             "qwen3_30b_a3b": (16384, 2048, 128, 8), "deepseek_v3": (16384, 7168, 256, 8),
             "deepseek_v2": (16384, 5120, 160, 6), "olmoe_1b_7b": (16384, 2048, 64, 8),
-            "gpt_oss_120b": (16384, 2880, 128, 4), "kimi_k2": (16384, 7168, 384, 8)}
+            "gpt_oss_120b": (16384, 2880, 128, 4), "kimi_k2": (16384, 7168, 384, 8),
+            "deepseek_v3_decode": (16, 7168, 256, 8), "qwen3_30b_a3b_decode": (16, 2048, 128, 8),
+            "gpt_oss_120b_decode": (16, 2880, 128, 4)}
     for name, dims in want.items():
         job = resolve(cfg_of(f"shape={name}"))
         assert (job.tokens, job.hidden, job.experts, job.topk) == dims, name

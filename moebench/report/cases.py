@@ -213,3 +213,29 @@ def case_sort_key(r) -> tuple:
             return float("inf")
     return (stage_sort_key(r["stage_label"]), r["shape_name"], *(num(r[c]) for c in SHAPE_COLUMNS[1:]),
             r["dtype"], tuple(str(r[c]) for c in VARIANT_COLUMNS))
+
+
+def variant_text(r, cols) -> str:
+    """The routing variant of a row in words, from the variant columns ``cols`` that vary."""
+    bits = []
+    for c in cols:
+        v = str(r[c])
+        if not v:
+            continue
+        if c == "cfg.logits.alpha":
+            bits.append(f"alpha={v}")
+        elif c == "drop_policy":
+            bits.append(f"drop by {v}")
+        elif c == "pad_to_capacity":
+            bits.append("padded" if v == "True" else "unpadded")
+        elif c == "weighted":
+            bits.append("weighted" if v == "True" else "unweighted")
+        elif c == "capacity_align":  # the defaults (tight blocks, rows in the dtype) go unsaid
+            if v != "1":
+                bits.append(f"blocks aligned to {v}")
+        elif c == "quant":
+            if v != "none":
+                bits.append(v)
+        else:
+            bits.append(v)
+    return ", ".join(bits)

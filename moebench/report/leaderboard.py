@@ -13,7 +13,7 @@ import pandas as pd
 
 from moebench.report.cases import (CARD, CASE_KEY, DIRECTION, DTYPE_SHORT, LIMITS, TIMING, TIMING_NOTES,
                                    VARIANT_COLUMNS, case_sort_key, facet_label, facet_order, fastest_per_impl,
-                                   ranked_rows)
+                                   ranked_rows, variant_text)
 from moebench.report.tables import markdown_table
 
 #: The columns of ``leaderboard``'s frame (besides the case's shape and variant columns).
@@ -94,31 +94,6 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}×" if r < 10 else f"{r:.1f}×" if r < 100 else f"{r:.0f}×"
 
 
-def _variant(r, varying) -> str:
-    bits = []
-    for c in varying:
-        v = str(r[c])
-        if not v:
-            continue
-        if c == "cfg.logits.alpha":
-            bits.append(f"alpha={v}")
-        elif c == "drop_policy":
-            bits.append(f"drop by {v}")
-        elif c == "pad_to_capacity":
-            bits.append("padded" if v == "True" else "unpadded")
-        elif c == "weighted":
-            bits.append("weighted" if v == "True" else "unweighted")
-        elif c == "capacity_align":  # the defaults (tight blocks, rows in the dtype) go unsaid
-            if v != "1":
-                bits.append(f"blocks aligned to {v}")
-        elif c == "quant":
-            if v != "none":
-                bits.append(v)
-        else:
-            bits.append(v)
-    return ", ".join(bits)
-
-
 def leaderboard_tables(lb: pd.DataFrame, per_card: bool = False) -> list[tuple[str, str | None, pd.DataFrame]]:
     """``(card, timing, table)`` per card and timing mode (``per_card``: ``(card, None, table)``
     per card, its first column the timing mode; the rankings stay per mode), the table as text
@@ -139,7 +114,7 @@ def leaderboard_tables(lb: pd.DataFrame, per_card: bool = False) -> list[tuple[s
             "stage": t["stage"], "shape": t["shape"],
             "dtype": t["dtype"].map(lambda v: DTYPE_SHORT.get(v, v)),
             **({"direction": t["direction"]} if set(t["direction"]) != {"fwd"} else {}),
-            **({"case": t.apply(_variant, axis=1, varying=varying)} if varying else {}),
+            **({"case": t.apply(variant_text, axis=1, cols=varying)} if varying else {}),
             "fastest": t["fastest"], "us": t["us"].map(_us),
             "% of limit": [f"{p:.0f} % {lim}" if lim else "—" for p, lim in zip(t["pct_of_limit"], t["limit"])],
             "runner-up": [f"{n} {_ratio(r)}" if n else "—" for n, r in zip(t["runner_up"], t["runner_up_ratio"])],

@@ -15,7 +15,7 @@ import pandas as pd
 
 from moebench.report.cases import (CARD, DIRECTION, TIMING, VARIANT_COLUMNS, case_sort_key, facet_label,
                                    facet_order, fastest_per_impl, impl_name, ranked_rows, shape_text, stage_sort_key,
-                                   with_cases)
+                                   variant_text, with_cases)
 from moebench.report.styles import (LIMIT_COLOR, LINESTYLES, impl_order, impl_styles, legend_below, legend_right,
                                     mark_facet, new_figure, plain_log_ticks, stage_color)
 from moebench.report.tables import NOT_STACKED, _stage_key, ok_rows
@@ -26,17 +26,6 @@ def all_impls(df: pd.DataFrame) -> list[str]:
     if df is None or "stage_impl" not in df.columns:
         return []
     return sorted({impl_name(v) for v in df["stage_impl"].dropna().unique()})
-
-
-def _variant_label(r, cols) -> str:
-    out = []
-    for c in cols:
-        v = str(r[c])
-        if not v:
-            continue
-        out.append({"cfg.logits.alpha": f"alpha={v}", "pad_to_capacity": "padded" if v == "True" else "unpadded",
-                    "weighted": "weighted" if v == "True" else "unweighted"}.get(c, v))
-    return ", ".join(out)
 
 
 def _varying(d: pd.DataFrame, cols) -> list[str]:
@@ -132,7 +121,7 @@ def _cases(s: pd.DataFrame):
     label_of = {}
     for i, r in s.iterrows():
         extra = [str(r[c]) for c in ("dtype", DIRECTION) if c in varying]
-        variant = _variant_label(r, [c for c in VARIANT_COLUMNS if c in varying])
+        variant = variant_text(r, [c for c in VARIANT_COLUMNS if c in varying])
         label_of[i] = "\n".join([r["shape_label"], *([" ".join(extra + ([variant] if variant else []))]
                                                      if extra or variant else [])])
     order = sorted(s.index, key=lambda i: case_sort_key(s.loc[i]))
