@@ -23,21 +23,18 @@ import io
 import logging
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from moebench.errors import ConfigError
-from moebench.sweep import (JobError, Progress, failure_line, job_config, job_labels, job_return, refuse, resume_skips,
-                            summary)
+from moebench.sweep import JobError, Progress, failure_line, job_return, refuse, start_sweep, summary
 
 log = logging.getLogger("moebench.slurm")
 
@@ -116,18 +113,7 @@ def refused(error: str, params: dict) -> str:
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """``hydra/launcher=slurm``: the jobs ``resume=true`` does not skip, as one Slurm array."""
-    setup_globals()
-    config = launcher.config
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    nums = [initial_job_idx + i for i in range(len(job_overrides))]
-    configs = [job_config(launcher, ov, num) for ov, num in zip(job_overrides, nums)]
-    try:
-        skips = resume_skips(configs)
-    except ConfigError as e:
-        refuse(str(e))
-    labels = job_labels(job_overrides)
+    _, nums, configs, skips, labels = start_sweep(launcher, job_overrides, initial_job_idx)
     returns: list[JobReturn | None] = [None] * len(configs)
     progress = Progress(len(configs), skipped=sum(bool(s) for s in skips))
     for i, skip in enumerate(skips):

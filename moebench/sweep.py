@@ -115,6 +115,25 @@ def resume_skips(configs: Sequence[DictConfig]) -> list[str | None]:
     return skips
 
 
+def start_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+    """What every launcher of ours starts a sweep with: Hydra's globals and logging, the sweep
+    folder, and per job its number, config, label and why ``resume=true`` skips it (None: run
+    it; a folder holding another config refuses the sweep). -> (sweep_dir, nums, configs,
+    skips, labels)."""
+    setup_globals()
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    nums = [initial_job_idx + i for i in range(len(job_overrides))]
+    configs = [job_config(launcher, ov, num) for ov, num in zip(job_overrides, nums)]
+    try:
+        skips = resume_skips(configs)
+    except ConfigError as e:
+        refuse(str(e))
+    return sweep_dir, nums, configs, skips, job_labels(job_overrides)
+
+
 def refuse(message: str) -> None:
     """A sweep that cannot start: one line, exit 2, nothing run."""
     print(f"moebench: error: {message}", file=sys.stderr)
@@ -206,20 +225,9 @@ def run_in_process(payload: dict, timeout_min: float | None) -> tuple[JobReturn 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """``hydra/launcher=process``: every job in turn, each in a process of its own."""
-    setup_globals()
-    config = launcher.config
     if launcher.timeout_min is not None and not launcher.timeout_min > 0:
         refuse(f"hydra.launcher.timeout_min={launcher.timeout_min:g} is not accepted; minutes > 0 (null: no limit)")
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    nums = [initial_job_idx + i for i in range(len(job_overrides))]
-    configs = [job_config(launcher, ov, num) for ov, num in zip(job_overrides, nums)]
-    try:
-        skips = resume_skips(configs)
-    except ConfigError as e:
-        refuse(str(e))
-    labels = job_labels(job_overrides)
+    sweep_dir, nums, configs, skips, labels = start_sweep(launcher, job_overrides, initial_job_idx)
     log.info("Launching %d job%s into %s, one after another, each in a process of its own", len(configs),
              "s" * (len(configs) != 1), sweep_dir)
     progress, failures, returns = Progress(len(configs)), [], []
@@ -248,6 +256,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.error("%s", ret._return_value)
         progress.finished()
         returns.append(ret)
-        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     summary(progress, failures)
     return returns

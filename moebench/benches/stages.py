@@ -137,9 +137,6 @@ def _meta_tensors(meta: routing.RoutingMetadata) -> list[torch.Tensor]:
 
 # -- the stages --------------------------------------------------------------------------
 
-DIRECTIONS = ("fwd", "bwd", "fwdbwd")
-
-
 def grad_input(job: JobSpec, shape: tuple, dtype: torch.dtype, salt: int) -> torch.Tensor:
     """A seeded upstream gradient (N(0, 1), drawn in fp32 and rounded to ``dtype``)."""
     g = torch.Generator(device=job.device).manual_seed(job.seed + 100 + salt)

@@ -29,6 +29,7 @@ importing this module costs nothing where cutlass or a GPU is missing.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,37 +93,14 @@ class CuteConfig(ImplConfig):
                 "prefetch": self.router_prefetch}
 
 
-def _kernels():
+def _kernels() -> types.SimpleNamespace:
     """The kernel modules, imported on first use (CuTeDSL is heavy and optional)."""
     try:
-        from moebench.kernels import combine, pack
+        from moebench.kernels import backward, combine, metadata, pack, pack_fp8, router
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
-    return pack, combine
-
-
-def _backward_kernels():
-    try:
-        from moebench.kernels import backward, combine
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
-    return backward, combine
-
-
-def _fp8_kernels():
-    try:
-        from moebench.kernels import pack_fp8
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
-    return pack_fp8
-
-
-def _routing_kernels():
-    try:
-        from moebench.kernels import metadata, router
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
-    return router, metadata
+    return types.SimpleNamespace(backward=backward, combine=combine, metadata=metadata, pack=pack,
+                                 pack_fp8=pack_fp8, router=router)
 
 
 #: most experts and slots the router kernel handles (32 lanes x 32 experts; k unrolled)
@@ -195,7 +173,7 @@ class CuteImpl(Impl):
         static = router_static(router, k, E, bias is not None)
         if router.name == "top1":
             k = 1
-        krouter, _ = _routing_kernels()
+        krouter = _kernels().router
         ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static, **self.router_tune)
         setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
         return ids, weights
@@ -210,7 +188,7 @@ class CuteImpl(Impl):
         if E > MAX_EXPERTS or k > MAX_TOPK:
             raise Unsupported(f"experts={E}, topk={k}: the router kernel holds at most {MAX_EXPERTS} experts and "
                               f"{MAX_TOPK} slots")
-        krouter, _ = _routing_kernels()
+        krouter = _kernels().router
         key = (T, k, logits.device)
         if key not in self._select_out:
             self._select_out[key] = (torch.empty(T, k, dtype=torch.int32, device=logits.device),
@@ -232,7 +210,7 @@ class CuteImpl(Impl):
         R = capacity.packed_rows(T, S, E, num_rows)
         if R > INT32_MAX:
             raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
-        _, kmeta = _routing_kernels()
+        kmeta = _kernels().metadata
         carried = getattr(ids, _HIST_ATTR, None)
         tile = kmeta.tile_size(T)
         if (carried is not None and carried[1] == tile and carried[2] == ids._version
@@ -263,7 +241,7 @@ class CuteImpl(Impl):
             self._check_out(out, (R, H), x.dtype, x.device, "pack")
         if mode == "scatter" and T * meta.num_slots > INT32_MAX:
             raise Unsupported(f"T*S={T * meta.num_slots} (token, slot) pairs; int32 indices hold at most {INT32_MAX}")
-        kpack, _ = _kernels()
+        kpack = _kernels().pack
         tune = self.tune
         if mode == "scatter":
             tune = dict(tune, **kpack.scatter_tuning(kpack.TORCH_TO_CUTE[x.dtype], H, self.scatter_per_slot))
@@ -285,7 +263,7 @@ class CuteImpl(Impl):
             out = y.new_empty(T, H)
         else:
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
-        _, kcombine = _kernels()
+        kcombine = _kernels().combine
         return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted, **self.tune)
 
     def pack_fp8(self, x, meta, quant, out=None):
@@ -307,7 +285,7 @@ class CuteImpl(Impl):
         else:
             self._check_out(out[0], (R, H), torch.float8_e4m3fn, x.device, "pack fp8 rows")
             self._check_out(out[1], (R, H // 128), torch.float32, x.device, "pack fp8 scales")
-        kq = _fp8_kernels()
+        kq = _kernels().pack_fp8
         return kq.pack_fp8(x, meta.gather_idx, meta.scatter_idx, out[0], out[1], mode=quant.removeprefix("fp8_"),
                            zero_empty=meta.may_have_empty_rows)
 
@@ -318,7 +296,7 @@ class CuteImpl(Impl):
             raise Unsupported(f"impl=cute routes bfloat16/float16/float32 logits, not {logits.dtype}")
         T, E = logits.shape
         static = router_static(router, ids.shape[1], E, bias is not None)
-        kb, _ = _backward_kernels()
+        kb = _kernels().backward
         d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         return kb.route_backward(logits, ids, weights, d_weights, d_logits, **static)
 
@@ -328,7 +306,7 @@ class CuteImpl(Impl):
         T, S = meta.scatter_idx.shape
         if S > MAX_SLOTS:
             raise Unsupported(f"pack backward sums at most {MAX_SLOTS} slots per token; this routing has S={S}")
-        _, kcombine = _backward_kernels()
+        kcombine = _kernels().combine
         out = d_packed.new_empty(T, d_packed.shape[1])
         return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False, **self.tune)
 
@@ -337,7 +315,7 @@ class CuteImpl(Impl):
         T, S = meta.scatter_idx.shape
         if S > MAX_SLOTS:
             raise Unsupported(f"combine backward unrolls at most {MAX_SLOTS} slots per token; this routing has S={S}")
-        kb, _ = _backward_kernels()
+        kb = _kernels().backward
         d_y = torch.empty_like(y, memory_format=torch.contiguous_format)
         d_w = torch.empty(T, S, dtype=torch.float32, device=y.device)
         return kb.combine_backward(d_out, y, meta.scatter_idx, meta.weights, meta.gather_idx, d_y, d_w,

@@ -105,31 +105,15 @@ def pack(x: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = None
     return routing.pack(x, meta, out)
 
 
-def quantize_fp8(rows: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``routing.quantize_fp8`` with fp32 scales that stay correctly rounded under
-    ``torch.compile``: Triton's fp32 division is approximate (and inductor may turn a division
-    by a constant into a multiply by its reciprocal), so the two divisions run in fp64 and round
-    once to fp32 -- the correctly rounded fp32 quotient (53 >= 2 * 24 + 2 bits)."""
-    if quant != "fp8_block128":
-        return routing.quantize_fp8(rows, quant)
-    R, H = rows.shape
-    if H % routing.FP8_BLOCK:
-        raise ValueError(f"H={H} is not a multiple of {routing.FP8_BLOCK} (one scale per 128 channels)")
-    v = rows.float().view(R, H // routing.FP8_BLOCK, routing.FP8_BLOCK)
-    amax = v.abs().amax(-1).clamp(min=1e-4).double()
-    inv, scale = (448.0 / amax).float(), (amax / 448.0).float()
-    return (v * inv[..., None]).to(torch.float8_e4m3fn).view(R, H), scale
-
-
 def pack_fp8(x: torch.Tensor, meta: RoutingMetadata, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the tokens, then gather their FP8 rows and scales (bit-exact against the
     reference's pack-then-quantize: the quantization is per row); empty rows quantize zeros."""
-    q, s = quantize_fp8(x, quant)
+    q, s = routing.quantize_fp8(x, quant)
     idx = meta.gather_idx.long()
     rows = q.view(torch.uint8).index_select(0, idx.clamp(min=0))
     scales = s.index_select(0, idx.clamp(min=0))
     if meta.may_have_empty_rows:
-        _, s0 = quantize_fp8(x.new_zeros(1, x.shape[1]), quant)
+        _, s0 = routing.quantize_fp8(x.new_zeros(1, x.shape[1]), quant)
         empty = (idx < 0).unsqueeze(1)
         rows = rows.masked_fill(empty, 0)
         scales = torch.where(empty, s0, scales)

@@ -81,15 +81,19 @@ def quantize_fp8(rows: torch.Tensor, mode: str = "fp8_block128") -> tuple[torch.
     per 128-channel block. ``amax = max(max |x|, 1e-4)`` per block; ``fp8_block128``:
     ``q = fp8(x * (448 / amax))``, ``scale = amax / 448``; ``fp8_ue8m0``: ``scale = 2**e``, the
     smallest power of two with ``448 * 2**e >= amax``, ``q = fp8(x * 2**-e)``. The cast rounds to
-    nearest and saturates at +-448; the divisions are tensor-by-tensor (IEEE, no reciprocal)."""
+    nearest and saturates at +-448; the divisions are the correctly rounded fp32 quotients, computed
+    in fp64 and rounded once (53 >= 2 * 24 + 2 bits: the same value), which stays so under
+    ``torch.compile`` -- Triton's fp32 division is approximate, and inductor may turn a division
+    by a constant into a multiply by its reciprocal."""
     R, H = rows.shape
     if H % FP8_BLOCK:
         raise ValueError(f"H={H} is not a multiple of {FP8_BLOCK} (one scale per 128 channels)")
     v = rows.float().view(R, H // FP8_BLOCK, FP8_BLOCK)
     amax = v.abs().amax(-1).clamp(min=1e-4)
     if mode == "fp8_block128":
-        fmax = torch.full_like(amax, 448.0)
-        inv, scale = fmax / amax, amax / fmax
+        a = amax.double()
+        fmax = torch.full_like(a, 448.0)  # tensor by tensor: eager torch turns a division by a scalar into a multiply
+        inv, scale = (fmax / a).float(), (a / fmax).float()
     elif mode == "fp8_ue8m0":
         m, ex = torch.frexp(amax)  # amax = m * 2**ex, m in [0.5, 1)
         e = ex - 9 + (m > 0.875).to(ex.dtype)
