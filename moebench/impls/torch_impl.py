@@ -135,14 +135,20 @@ def combine(y: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = N
         rows = rows.masked_fill(~kept[:, :, None], 0)
     w = meta.weights if weighted else kept.float()
     w = torch.where(kept, w, 0.0).float()
-    # the fp32 weights times the rows in fp32: rounding the weights or the products to a 16-bit
-    # dtype first is off by ~2**-9 of the largest product, beyond the tolerance where the
-    # products cancel (router=sigmoid_bias with its scaling, seen on an H200)
-    rows = rows.float()
-    if S <= 2:  # a broadcast multiply and a sum over the slots (H200: faster than the bmm at k <= 2)
-        res = (rows * w.view(T, S, 1)).sum(1)
-    else:  # one batched [1, S] x [S, H] product per token
+    if y.dtype == torch.float32:
         res = torch.bmm(w.view(T, 1, S), rows).view(T, H)
+    else:
+        # the fp32 weights as two 16-bit parts, hi + lo (exact to ~2**-17), so the batched product
+        # runs on the 16-bit rows with fp32 accumulation: rounding the weights to a 16-bit dtype
+        # alone is off by ~2**-9 of the largest product, beyond the tolerance where the products
+        # cancel (router=sigmoid_bias with its scaling, seen on an H200)
+        hi = w.to(y.dtype)
+        lo = (w - hi.float()).to(y.dtype)
+        if S <= 2:  # one [1, 2S] x [2S, H] product per token (H200: cuBLAS is slow on [2, S] x [S, H] at S 2)
+            res = torch.bmm(torch.cat([hi, lo], 1).view(T, 1, 2 * S), torch.cat([rows, rows], 1)).view(T, H)
+        else:  # one [2, S] x [S, H] product per token, then hi + lo
+            part = torch.bmm(torch.stack([hi, lo], 1), rows)
+            res = part[:, 0] + part[:, 1]
     if out is None:
         return res.to(y.dtype)
     return out.copy_(res)

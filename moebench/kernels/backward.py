@@ -9,9 +9,10 @@
   shuffles. Rows no slot points at (a capacity's tail, padding) get zero gradient rows;
   dropped slots get no gradient (``d_w`` 0);
 * :class:`RouteBackward`: ``d_logits [T, E]`` from ``d_weights [T, k]`` through the router's
-  weight formula (the selection has no gradient, nor the selection bias): one warp per token,
-  experts interleaved over the lanes (expert ``e`` on lane ``e % 32``), fp32 arithmetic, one
-  rounding to the logits' dtype. Weight kinds as the forward router (``kernels.router``):
+  weight formula (the selection has no gradient, nor the selection bias): a lane group per token
+  (a warp from E 32 up), each lane holding consecutive experts read and written as vectors (the
+  forward router's ``LaneLayout``), the selected logits shuffled from their owner lanes, fp32
+  arithmetic, one rounding to the logits' dtype. Weight kinds as the forward router (``kernels.router``):
   ``prob`` (softmax over all E at the selected experts), ``softmax_k`` / ``sum_k`` (over the
   selected logits / temperature), ``score`` (the selected sigmoid scores), ``one``; then
   ``renormalize`` over the k and ``scaling``.
@@ -21,6 +22,7 @@ Compiled once per static key, quack style; T and R are runtime values.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import cuda.bindings.driver as cuda
@@ -32,6 +34,7 @@ from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import (
     COMPILE_OPTIONS,
+    VEC_BYTES,
     TORCH_TO_CUTE,
     CompileCache,
     RowTiling,
@@ -49,12 +52,14 @@ from moebench.kernels.common import (
     store_chunk,
     vec_elems,
 )
+from moebench.kernels.router import LaneLayout, fake_logits
 
 #: most slots per token the kernels unroll over
 MAX_SLOTS = 16
 #: 128-bit loads a thread may have in flight per chunk (the slots' rows and d_out)
 MAX_LOADS = 32
 WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one")
+_LOG2E = math.log2(math.e)
 
 
 def _pow2_floor(n: int) -> int:
@@ -152,144 +157,247 @@ class CombineBackward:
 
 
 class RouteBackward:
-    """``d_logits`` of a top-k router's weights (see the module doc): one warp per token."""
+    """``d_logits`` of a top-k router's weights (see the module doc).
+
+    A token's row is spread over a lane group like the forward router's (``LaneLayout``): G lanes
+    (a power of two, up to a warp) of V consecutive experts each, loaded and stored as vectors of
+    W elements (16 bytes at E 256 bf16), so the row is read once and written once in wide
+    accesses. The k selected logits come from their owner lanes by a shuffle, not a second read."""
 
     def __init__(self, dtype, E: int, k: int, *, weight: str = "prob", renormalize: bool = False,
                  temperature: float = 1.0, scaling: float = 1.0, score: str = "logit", threads: int = 256,
-                 **_selection_only):
+                 max_per_lane: int = 0, **_selection_only):
         assert weight in WEIGHTS and 1 <= k <= MAX_SLOTS
         self.dtype, self.E, self.k = dtype, E, k
-        self.V = -(-E // 32)  # experts per lane: expert e = v * 32 + lane
+        # experts per lane: by default the fewest a warp holds (one token per warp from E 32 up)
+        self.lanes = LaneLayout.make(E, dtype.width // 8, 0, max_per_lane=max_per_lane or -(-E // 32))
+        self.V = self.lanes.V
+        self.Q = -(-k // self.lanes.G)  # slots per lane: slot q * G + g on lane g
         self.weight, self.renormalize = weight, renormalize
         self.temperature, self.scaling, self.score = float(temperature), float(scaling), score
-        self.threads = threads
+        self.threads = max(threads, 32)
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mDW: cute.Tensor,
-                 mDLogits: cute.Tensor, stream: cuda.CUstream):
-        warps = self.threads // 32
-        self.kernel(mLogits, mIds, mW, mDW, mDLogits).launch(
-            grid=[cute.ceil_div(mLogits.shape[0], warps), 1, 1], block=[self.threads, 1, 1], stream=stream)
+                 mDLogits: cute.Tensor, max_ctas: Int32, stream: cuda.CUstream):
+        groups = self.threads // self.lanes.G
+        grid = cutlass.min(cute.ceil_div(mLogits.shape[0], groups), max_ctas)
+        self.kernel(mLogits, mIds, mW, mDW, mDLogits).launch(grid=[grid, 1, 1], block=[self.threads, 1, 1],
+                                                              stream=stream)
+
+    @cute.jit
+    def group_reduce(self, op: cutlass.Constexpr, x):
+        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
+            x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+        return x
+
+    @cute.jit
+    def load_token(self, mLogits: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mDW: cute.Tensor, t: Int32,
+                   base: Int32, g: Int32, atom, raw: cute.Tensor, ids: cute.Tensor, w: cute.Tensor, dw: cute.Tensor):
+        """Token ``t``'s inputs into registers: this lane's experts of the row, and the slots it
+        owns (slot ``q * G + g``; id -1 where there is none). Left as they are past the last token."""
+        W, V, G = self.lanes.W, self.lanes.V, self.lanes.G
+        if t < mLogits.shape[0]:
+            gRow = cute.zipped_divide(mLogits[t, None], (W,))
+            for i in cutlass.range_constexpr(V // W):
+                if base + i * W < self.E:
+                    cute.copy(atom, gRow[None, base // W + i], raw[None, i])
+            for q in cutlass.range_constexpr(self.Q):
+                j = q * G + g
+                if j < self.k:
+                    ids[q] = mIds[t, j]
+                    w[q] = mW[t, j]
+                    dw[q] = mDW[t, j]
 
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mDW: cute.Tensor,
                mDLogits: cute.Tensor):
-        E, k, V = self.E, self.k, self.V
+        L = self.lanes
+        E, Q, V, W, G = self.E, self.Q, L.V, L.W, L.G
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        lane = tidx % 32
-        t = bidx * (self.threads // 32) + tidx // 32
-        active = t < mLogits.shape[0]
-        x = cute.make_rmem_tensor((V,), Float32)
-        ids = cute.make_rmem_tensor((k,), Int32)
-        w = cute.make_rmem_tensor((k,), Float32)
-        dw = cute.make_rmem_tensor((k,), Float32)
-        r = cute.make_rmem_tensor((k,), Float32)  # the raw weights before renormalise / scaling
-        dr = cute.make_rmem_tensor((k,), Float32)
-        for j in cutlass.range_constexpr(k):
-            ids[j] = Int32(0)
-            w[j] = Float32(0.0)
-            dw[j] = Float32(0.0)
+        nctas, _, _ = cute.arch.grid_dim()
+        T = mLogits.shape[0]
+        g = tidx % G
+        base = g * V  # this lane's first expert
+        groups = self.threads // G
+        stride = nctas * groups  # tokens per step of the grid
+        # one fp32 row of E per lane group: the selected experts' values are read from it, and
+        # the k slots' gradients are scattered into it (no loop over V x k in registers)
+        smem = cutlass.memory.SmemAllocator()
+        sRows = smem.allocate_tensor(Float32, cute.make_layout((E, groups)), byte_alignment=16)
+        sRow = sRows[None, tidx // G]
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
+        # the next token's inputs, loaded while this one is computed
+        nraw = cute.make_rmem_tensor((W, V // W), self.dtype)
+        nids = cute.make_rmem_tensor((Q,), Int32)
+        nw = cute.make_rmem_tensor((Q,), Float32)
+        ndw = cute.make_rmem_tensor((Q,), Float32)
+        nraw.fill(0)
+        for q in cutlass.range_constexpr(Q):
+            nids[q] = Int32(-1)
+            nw[q] = Float32(0.0)
+            ndw[q] = Float32(0.0)
+        raw = cute.make_rmem_tensor((W, V // W), self.dtype)
+        ids = cute.make_rmem_tensor((Q,), Int32)
+        w = cute.make_rmem_tensor((Q,), Float32)
+        dw = cute.make_rmem_tensor((Q,), Float32)
+        x = cute.make_rmem_tensor((W, V // W), Float32)  # flat index v = expert base + v
+        res = cute.make_rmem_tensor((W, V // W), Float32)
+        out = cute.make_rmem_tensor((W, V // W), self.dtype)
+        t = bidx * groups + tidx // G
+        self.load_token(mLogits, mIds, mW, mDW, t, base, g, atom, nraw, nids, nw, ndw)
+        # every group runs the same number of steps (the warp syncs need whole warps); one past
+        # the last token computes on stale registers and stores nothing
+        for _step in cutlass.range(cute.ceil_div(T, stride), unroll=1):
+            active = t < T
+            raw.store(nraw.load())
+            for q in cutlass.range_constexpr(Q):
+                ids[q] = nids[q]
+                w[q] = nw[q]
+                dw[q] = ndw[q]
+            self.load_token(mLogits, mIds, mW, mDW, t + stride, base, g, atom, nraw, nids, nw, ndw)
+            self.token(raw, ids, w, dw, x, res, sRow, base)
+            out.store(res.load().to(self.dtype))
             if active:
-                ids[j] = mIds[t, j]
-                w[j] = mW[t, j]
-                dw[j] = mDW[t, j]
+                gOut = cute.zipped_divide(mDLogits[t, None], (W,))
+                for i in cutlass.range_constexpr(V // W):
+                    if base + i * W < E:
+                        cute.copy(atom, out[None, i], gOut[None, base // W + i])
+            t = t + stride
+
+    @cute.jit
+    def row_store(self, sRow: cute.Tensor, vals: cute.Tensor, base: Int32):
+        for v in cutlass.range_constexpr(self.lanes.V):
+            if base + v < self.E:
+                sRow[base + v] = vals[v]
+
+    @cute.jit
+    def slot_sum(self, vals: cute.Tensor, ids: cute.Tensor):
+        """The sum over the token's k slots of ``vals`` (each lane holds its own slots)."""
+        s = Float32(0.0)
+        for q in cutlass.range_constexpr(self.Q):
+            if ids[q] >= 0:
+                s = s + vals[q]
+        return self.group_reduce(operator.add, s)
+
+    @cute.jit
+    def token(self, raw: cute.Tensor, ids: cute.Tensor, w: cute.Tensor, dw: cute.Tensor, x: cute.Tensor,
+              res: cute.Tensor, sRow: cute.Tensor, base: Int32):
+        """One token's ``d_logits`` (this lane's experts, fp32) into ``res``. The slot work runs
+        once per slot, on the lane that owns it, with sums over the slots as group reductions."""
+        E, Q, V = self.E, self.Q, self.lanes.V
+        prob = const_expr(self.weight == "prob")
+        x.store(raw.load().to(Float32))
         for v in cutlass.range_constexpr(V):
-            x[v] = -Float32.inf
-            if active and v * 32 + lane < E:
-                x[v] = mLogits[t, v * 32 + lane].to(Float32)
-        xs = cute.make_rmem_tensor((k,), Float32)  # the selected logits (each lane loads them: L1)
-        for j in cutlass.range_constexpr(k):
-            xs[j] = Float32(0.0)
-            if active:
-                xs[j] = mLogits[t, ids[j]].to(Float32)
-        row_max = Float32(0.0)
+            if base + v >= E:
+                x[v] = -Float32.inf
         inv_sum = Float32(1.0)
-        carries = Float32(1.0)  # sum_k: does the sum carry gradient (not clamped to a constant)?
-        if const_expr(self.weight == "prob"):
+        if const_expr(prob):  # res = exp(x - max); the softmax is res * inv_sum
             m = x[0]
             for v in cutlass.range_constexpr(1, V):
                 m = cute.arch.fmax(m, x[v])
-            row_max = cute.arch.warp_reduction(m, cute.arch.fmax)
+            row_max = self.group_reduce(cute.arch.fmax, m)
             s = Float32(0.0)
-            for v in cutlass.range_constexpr(V):
-                s = s + cute.math.exp(x[v] - row_max)
-            inv_sum = Float32(1.0) / cute.arch.warp_reduction(s, operator.add)
-            for j in cutlass.range_constexpr(k):
-                r[j] = cute.math.exp(xs[j] - row_max) * inv_sum
+            for v in cutlass.range_constexpr(V):  # ex2.approx, as the forward router: within 1e-5
+                res[v] = cute.math.exp2((x[v] - row_max) * Float32(_LOG2E), fastmath=True)
+                s = s + res[v]
+            inv_sum = Float32(1.0) / self.group_reduce(operator.add, s)
+        # the selected experts' values (the softmax's numerator, or the logit) through the row
+        cute.arch.sync_warp()  # the last token's readers are done with the row
+        if const_expr(prob):
+            self.row_store(sRow, res, base)
+        elif const_expr(self.weight != "one"):
+            self.row_store(sRow, x, base)
+        cute.arch.sync_warp()
+        r = cute.make_rmem_tensor((Q,), Float32)  # the raw weights before renormalise / scaling
+        dr = cute.make_rmem_tensor((Q,), Float32)
+        xs = cute.make_rmem_tensor((Q,), Float32)
+        tmp = cute.make_rmem_tensor((Q,), Float32)
+        for q in cutlass.range_constexpr(Q):
+            xs[q] = Float32(0.0)
+            if const_expr(self.weight != "one"):
+                if ids[q] >= 0:
+                    xs[q] = sRow[ids[q]]
+        carries = Float32(1.0)  # sum_k: does the sum carry gradient (not clamped to a constant)?
+        if const_expr(prob):
+            for q in cutlass.range_constexpr(Q):
+                r[q] = xs[q] * inv_sum
         elif const_expr(self.weight == "score"):
-            for j in cutlass.range_constexpr(k):
-                r[j] = Float32(1.0) / (Float32(1.0) + cute.math.exp(-xs[j]))
-        elif const_expr(self.weight in ("softmax_k", "sum_k")):
-            for j in cutlass.range_constexpr(k):
-                xs[j] = xs[j] / Float32(self.temperature)
-            if const_expr(self.weight == "softmax_k"):
-                mk = xs[0]
-                for j in cutlass.range_constexpr(1, k):
-                    mk = cute.arch.fmax(mk, xs[j])
-                tot = Float32(0.0)
-                for j in cutlass.range_constexpr(k):
-                    r[j] = cute.math.exp(xs[j] - mk)
-                    tot = tot + r[j]
-                for j in cutlass.range_constexpr(k):
-                    r[j] = r[j] / tot
-            else:
-                tot = Float32(0.0)
-                for j in cutlass.range_constexpr(k):
-                    tot = tot + xs[j]
-                clamped = tot
-                if tot >= Float32(0.0):
-                    clamped = cute.arch.fmax(tot, Float32(1e-20))
-                inv_sum = Float32(1.0) / clamped
-                if clamped != tot:
-                    carries = Float32(0.0)
-                for j in cutlass.range_constexpr(k):
-                    r[j] = xs[j] * inv_sum
+            for q in cutlass.range_constexpr(Q):
+                r[q] = Float32(1.0) / (Float32(1.0) + cute.math.exp(-xs[q]))
+        elif const_expr(self.weight == "softmax_k"):
+            mk = -Float32.inf
+            for q in cutlass.range_constexpr(Q):
+                xs[q] = xs[q] / Float32(self.temperature)
+                if ids[q] >= 0:
+                    mk = cute.arch.fmax(mk, xs[q])
+            mk = self.group_reduce(cute.arch.fmax, mk)
+            for q in cutlass.range_constexpr(Q):
+                r[q] = cute.math.exp(xs[q] - mk)
+            tot = self.slot_sum(r, ids)
+            for q in cutlass.range_constexpr(Q):
+                r[q] = r[q] / tot
+        elif const_expr(self.weight == "sum_k"):
+            for q in cutlass.range_constexpr(Q):
+                xs[q] = xs[q] / Float32(self.temperature)
+            tot = self.slot_sum(xs, ids)
+            clamped = tot
+            if tot >= Float32(0.0):
+                clamped = cute.arch.fmax(tot, Float32(1e-20))
+            inv_sum = Float32(1.0) / clamped
+            if clamped != tot:
+                carries = Float32(0.0)
+            for q in cutlass.range_constexpr(Q):
+                r[q] = xs[q] * inv_sum
         else:  # one
-            for j in cutlass.range_constexpr(k):
-                r[j] = Float32(1.0)
+            for q in cutlass.range_constexpr(Q):
+                r[q] = Float32(1.0)
         # -- d raw weights from d weights: renormalise over the k, then scale -----------------
         if const_expr(self.renormalize):
-            tot = Float32(0.0)
-            sw = Float32(0.0)
-            for j in cutlass.range_constexpr(k):
-                tot = tot + r[j]
-                sw = sw + w[j] * dw[j]
-            g = Float32(self.scaling) / cute.arch.fmax(tot, Float32(1e-20))
-            for j in cutlass.range_constexpr(k):
-                dr[j] = g * (dw[j] - sw / Float32(self.scaling))
+            tot = self.slot_sum(r, ids)
+            for q in cutlass.range_constexpr(Q):
+                tmp[q] = w[q] * dw[q]
+            sw = self.slot_sum(tmp, ids)
+            gs = Float32(self.scaling) / cute.arch.fmax(tot, Float32(1e-20))
+            for q in cutlass.range_constexpr(Q):
+                dr[q] = gs * (dw[q] - sw / Float32(self.scaling))
         else:
-            for j in cutlass.range_constexpr(k):
-                dr[j] = dw[j] * Float32(self.scaling)
-        # -- d logits ---------------------------------------------------------------------------
+            for q in cutlass.range_constexpr(Q):
+                dr[q] = dw[q] * Float32(self.scaling)
         c = Float32(0.0)
-        if const_expr(self.weight in ("prob", "softmax_k")):
-            for j in cutlass.range_constexpr(k):
-                c = c + r[j] * dr[j]
+        if const_expr(self.weight in ("prob", "softmax_k", "sum_k")):
+            for q in cutlass.range_constexpr(Q):
+                tmp[q] = r[q] * dr[q]
+            c = self.slot_sum(tmp, ids)
         if const_expr(self.weight == "sum_k"):
-            for j in cutlass.range_constexpr(k):
-                c = c + r[j] * dr[j]
             c = c * carries  # zero where the sum was clamped (a constant)
+        # -- d logits: each slot's term scattered into the zeroed row (a token's ids differ) --
         for v in cutlass.range_constexpr(V):
-            e = v * 32 + lane
-            d = Float32(0.0)
-            if const_expr(self.weight == "prob"):
-                G = Float32(0.0)
-                for j in cutlass.range_constexpr(k):
-                    if ids[j] == e:
-                        G = G + dr[j]
-                d = cute.math.exp(x[v] - row_max) * inv_sum * (G - c)
-            elif const_expr(self.weight != "one"):
-                for j in cutlass.range_constexpr(k):
-                    if ids[j] == e:
-                        if const_expr(self.weight == "score"):
-                            d = d + dr[j] * r[j] * (Float32(1.0) - r[j])
-                        elif const_expr(self.weight == "softmax_k"):
-                            d = d + r[j] * (dr[j] - c) / Float32(self.temperature)
-                        else:  # sum_k
-                            d = d + (dr[j] - c) * inv_sum / Float32(self.temperature)
-            if active and e < E:
-                mDLogits[t, e] = d.to(self.dtype)
+            x[v] = Float32(0.0)
+        cute.arch.sync_warp()  # every lane has read the selected values
+        self.row_store(sRow, x, base)
+        cute.arch.sync_warp()
+        if const_expr(self.weight != "one"):
+            for q in cutlass.range_constexpr(Q):
+                term = dr[q]  # prob: d = p * (sum of dr at the expert - c), the p applied below
+                if const_expr(self.weight == "score"):
+                    term = dr[q] * r[q] * (Float32(1.0) - r[q])
+                elif const_expr(self.weight == "softmax_k"):
+                    term = r[q] * (dr[q] - c) / Float32(self.temperature)
+                elif const_expr(self.weight == "sum_k"):
+                    term = (dr[q] - c) * inv_sum / Float32(self.temperature)
+                if ids[q] >= 0:
+                    sRow[ids[q]] = term
+        cute.arch.sync_warp()
+        for v in cutlass.range_constexpr(V):
+            gv = Float32(0.0)
+            if base + v < E:
+                gv = sRow[base + v]
+            if const_expr(prob):
+                res[v] = res[v] * inv_sum * (gv - c)
+            else:
+                res[v] = gv
 
 
 # --------------------------------------------------------------------------------------
@@ -317,11 +425,9 @@ def compile_route_backward(dtype, E: int, k: int, **static):
 
     def build():
         T = cute.sym_int()
-        logits = cute.runtime.make_fake_tensor(dtype, (T, E), stride=(E, 1), assumed_align=4)
-        return cute.compile(RouteBackward(dtype, E, k, **static), logits, fake_table(Int32, T, k),
-                            fake_table(Float32, T, k), fake_table(Float32, T, k),
-                            cute.runtime.make_fake_tensor(dtype, (T, E), stride=(E, 1), assumed_align=4),
-                            fake_stream(), options=COMPILE_OPTIONS)
+        return cute.compile(RouteBackward(dtype, E, k, **static), fake_logits(dtype, T, E), fake_table(Int32, T, k),
+                            fake_table(Float32, T, k), fake_table(Float32, T, k), fake_logits(dtype, T, E),
+                            Int32(1), fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(key, build)
 
@@ -347,17 +453,35 @@ def combine_backward(d_out: torch.Tensor, y: torch.Tensor, scatter_idx: torch.Te
     return d_y, d_w
 
 
+#: CTAs per SM of the route backward's grid-stride loop (0: one CTA per ``threads / G`` tokens)
+ROUTE_BWD_CTAS_PER_SM = 4
+_sm_count: dict = {}
+
+
+def _max_ctas(device: torch.device, per_sm: int) -> int:
+    if per_sm <= 0:
+        return 2**31 - 1
+    n = _sm_count.get(device)
+    if n is None:
+        n = _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n * per_sm
+
+
 def route_backward(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, d_weights: torch.Tensor,
-                   d_logits: torch.Tensor, **static) -> torch.Tensor:
-    """Launch on the current stream; writes ``d_logits [T, E]`` (the logits' dtype) and returns it."""
+                   d_logits: torch.Tensor, ctas_per_sm: int = ROUTE_BWD_CTAS_PER_SM, **static) -> torch.Tensor:
+    """Launch on the current stream; writes ``d_logits [T, E]`` (the logits' dtype) and returns it.
+    The grid is at most ``ctas_per_sm`` CTAs per SM, each walking tokens a grid apart."""
     T, E = logits.shape
     k = ids.shape[1]
     if T == 0:
         return d_logits
     fn = compile_route_backward(TORCH_TO_CUTE[logits.dtype], E, k, **static)
-    x = logits if logits.is_contiguous() else logits.contiguous()
-    out = d_logits if d_logits.is_contiguous() else torch.empty_like(d_logits, memory_format=torch.contiguous_format)
-    fn(x, as_table(ids, torch.int32), as_table(weights, torch.float32), as_table(d_weights, torch.float32), out)
+    x = logits if logits.is_contiguous() and logits.data_ptr() % VEC_BYTES == 0 else logits.clone(
+        memory_format=torch.contiguous_format)  # the row loads are vectors: a 16-byte aligned base
+    ok = d_logits.is_contiguous() and d_logits.data_ptr() % VEC_BYTES == 0
+    out = d_logits if ok else torch.empty_like(d_logits, memory_format=torch.contiguous_format)
+    fn(x, as_table(ids, torch.int32), as_table(weights, torch.float32), as_table(d_weights, torch.float32), out,
+       _max_ctas(logits.device, ctas_per_sm))
     if out is not d_logits:
         d_logits.copy_(out)
     return d_logits
