@@ -119,8 +119,11 @@ def test_a_wrong_backward_is_a_mismatch_row(tmp_path, monkeypatch):
 def test_direction_is_checked():
     with pytest.raises(ConfigError, match="bench.direction='sideways' is not accepted; accepted: fwd, bwd, fwdbwd"):
         resolve(compose(["bench=pack", "bench.direction=sideways"]))
-    with pytest.raises(ConfigError, match="bench.direction=bwd is not accepted with bench=moe_layer"):
-        resolve(compose(["bench=moe_layer", "bench.direction=bwd"]))
+    with pytest.raises(ConfigError, match="bench.direction=bwd is not accepted with bench=ep_dispatch"):
+        resolve(compose(["bench=ep_dispatch", "bench.direction=bwd"]))
+    assert resolve(compose(["bench=moe_layer", "bench.direction=fwdbwd"])).bench_config.direction == "fwdbwd"
+    with pytest.raises(ConfigError, match="bench.direction='both' is not accepted; accepted: fwd, bwd, fwdbwd"):
+        resolve(compose(["bench=moe_layer", "bench.direction=both"]))
 
 
 # -- moebench.ops ------------------------------------------------------------------------------------

@@ -370,3 +370,169 @@ def test_quack_config_errors_are_one_line(overrides, needle):
     with pytest.raises(ConfigError) as e:
         resolve(cfg_of("shape=tiny", *overrides))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# -- training: bench.direction=bwd / fwdbwd ------------------------------------------------------
+
+TRAIN_ROWS_OK = [s for s in ml.STAGES if s != "metadata"]  # metadata has no backward
+
+
+@pytest.mark.parametrize("direction", ["fwdbwd", "bwd"])
+@pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
+def test_layer_backward_rows_check_and_time(tmp_path, direction, gemm):
+    df = run(tmp_path, f"bench.direction={direction}", f"bench.gemm={gemm}")
+    assert (df.direction == direction).all()
+    for st in TRAIN_ROWS_OK:
+        assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])
+        assert df.loc[st, "time_us_median"] > 0
+    assert df.loc["metadata", "status"] == "unsupported" and "no backward" in df.loc["metadata", "message"]
+    M, H, I, E, T = 256, 64, 96, 8, 128
+    f = {"fwdbwd": 3, "bwd": 2}[direction]  # a GEMM's backward is two GEMMs of its size
+    assert df.loc["experts", "flops"] == df.loc["dense_gemm", "flops"] == f * 6 * M * H * I
+    assert df.loc["total", "flops"] == f * (6 * M * H * I + 2 * T * H * E)
+    assert df.loc["gemm1", "flops"] == f * 4 * M * H * I and df.loc["gate", "flops"] == f * 2 * T * H * E
+    for st in ("gemm1", "gemm2", "experts", "total"):
+        assert df.loc[st, "pct_of_dense"] == pytest.approx(100 * df.loc[st, "tflops"] / df.loc["dense_gemm", "tflops"])
+    assert df.loc[["route", "pack", "combine"], "bw_GBps_strict"].gt(0).all()
+    assert pd_isnull(df.loc["total", "routing_share"])  # the metadata row has no backward to add
+    if direction == "fwdbwd":
+        assert df.loc["total", "stage_impl"] == (f"gate=torch,route=torch,metadata=torch,pack=torch,gemm={gemm},"
+                                                 "combine=torch")
+
+
+@pytest.mark.parametrize("extra", [["bench.gemm=loop", "capacity=cf", "bench.fp32_reference=true"],
+                                   ["capacity=padded", "logits=zipf", "router=sigmoid_bias"],
+                                   ["dtype=float32", "bench.weighted=false"], ["dtype=float16", "impl=reference"],
+                                   ["router=topk_softmax", "capacity=cf", "capacity.cf=0.75", "bench.direction=bwd"]])
+def test_layer_backward_variants_check(tmp_path, extra):
+    df = run(tmp_path, "bench.direction=fwdbwd", *extra)
+    for st in TRAIN_ROWS_OK:
+        assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])
+
+
+def test_a_wrong_layer_gradient_is_a_mismatch_row_and_never_timed(tmp_path, monkeypatch):
+    real = ml.GroupedMMGemm.gemm2_backward
+
+    def off(self, ctx, d_y, meta, w, grads):
+        d_a, d_w2 = real(self, ctx, d_y, meta, w, grads)
+        return d_a, d_w2 * 1.1
+
+    monkeypatch.setattr(ml.GroupedMMGemm, "gemm2_backward", off)
+    df = run(tmp_path, "bench.direction=fwdbwd")
+    for st, name in (("gemm2", "d_w2"), ("experts", "d_w2"), ("total", "d_W2")):
+        assert df.loc[st, "status"] == "mismatch", (st, df.loc[st, "message"])
+        assert name in df.loc[st, "message"] and pd_isnull(df.loc[st, "time_us_median"])
+    for st in ("gate", "gemm1", "activation", "combine", "dense_gemm"):
+        assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])
+
+
+def test_a_lost_router_gradient_is_a_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setattr(TorchImpl, "route_backward", lambda self, logits, *a, **kw: torch.zeros_like(logits))
+    df = run(tmp_path, "bench.direction=bwd")
+    assert df.loc["total", "status"] == "mismatch" and "d_x vs torch autograd" in df.loc["total", "message"]
+    assert df.loc["route", "status"] == "mismatch" and df.loc["experts", "status"] == "ok"
+
+
+def test_gradient_tolerance_follows_the_reference_magnitude():
+    ref = torch.full((4, 4), 10.0)
+    assert ml.grad_tolerance(ref, torch.bfloat16) == pytest.approx((3e-2, 1.0))
+    assert ml.grad_tolerance(torch.zeros(3), torch.bfloat16) == (3e-2, 0.0)  # zero: exactly zero
+    # the torch layer's bf16 autograd is within it of the fp32 reference's, a scaled gradient is not
+    x, w, ids, meta = _problem(CAPS["cf=0.75"], T=512, H=128, E=16, k=4, I=64)
+    spec = routing.RouterSpec()
+    d_out = torch.randn(512, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+
+    def weights_of(logits):
+        return routing.reference_weights(logits, ids, spec)
+
+    got = ml.torch_layer_grads(x, w, None, meta, weights_of, True, d_out)
+    want = ml.moe_layer_reference_grads(x, w, None, ids, meta.scatter_idx >= 0, weights_of, True, d_out)
+    for name, g, r in zip(("out", "d_x", "d_wg", "d_w1", "d_w2"), got, want):
+        assert r.abs().max() > 0, name
+        rtol, atol = ml.grad_tolerance(r, torch.bfloat16)
+        assert_close(g, r, name, rtol=rtol, atol=atol)
+        with pytest.raises(Mismatch):
+            assert_close(g * 1.1, r, name, rtol=rtol, atol=atol)
+
+
+class _RefQuack:
+    """quack.gemm_interface on the CPU from quack's own torch references (gemm_ref, gemm_act_ref,
+    gemm_dact_ref): the layouts QuackGemm hands quack (varlen-M / varlen-K operands, the
+    interleaved gated pre-activation, concat_layout) checked for what quack defines them to compute,
+    with the operand majors quack's GEMM asserts."""
+
+    def __init__(self):
+        from quack import gemm_interface as q
+
+        self.q, self.calls = q, []
+        outer = self
+
+        class Tuned:
+            @staticmethod
+            def fn(A, B, out, C=None, cu_seqlens_m=None, A_idx=None, config=None, **kw):
+                return outer.gemm(A, B, out=out, cu_seqlens_m=cu_seqlens_m, A_idx=A_idx)
+
+        self.gemm_tuned = Tuned()
+
+    @staticmethod
+    def _into(out, r):
+        r = r.detach()  # gemm_dact_ref returns its autograd's postact
+        if out is None:
+            return r
+        assert out.shape == r.shape, (out.shape, r.shape)
+        return out.copy_(r)
+
+    def gemm(self, A, B, out=None, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, concat_layout=None, **kw):
+        self.calls.append(("gemm", "varlen_k" if cu_seqlens_k is not None else "varlen_m", concat_layout))
+        if cu_seqlens_m is not None:
+            assert A.stride(-1) == 1 and (out is None or out.stride(-1) == 1), "varlen_m: k-major A, n-major D"
+        if cu_seqlens_k is not None:
+            assert A.stride(-2) == 1 and B.stride(-1) == 1, "varlen_k: m-major A, n-major B"
+        r = self.q.gemm_ref(A, B, cu_seqlens_m=cu_seqlens_m, cu_seqlens_k=cu_seqlens_k, A_idx=A_idx,
+                            concat_layout=concat_layout)
+        return self._into(out, r)
+
+    def gemm_act(self, A, B, activation=None, preact_out=None, postact_out=None, cu_seqlens_m=None, A_idx=None,
+                 store_preact=True, concat_layout=None, **kw):
+        self.calls.append(("gemm_act", store_preact, concat_layout))
+        pre, post = self.q.gemm_act_ref(A, B, activation=activation, cu_seqlens_m=cu_seqlens_m, A_idx=A_idx,
+                                        concat_layout=concat_layout)
+        return (self._into(preact_out, pre) if store_preact else None), self._into(postact_out, post)
+
+    def gemm_dgated(self, A, B, PreAct, activation=None, dx_out=None, postact_out=None, cu_seqlens_m=None, **kw):
+        self.calls.append(("gemm_dgated", activation))
+        dx, post = self.q.gemm_dact_ref(A, B, PreAct, activation=activation, cu_seqlens_m=cu_seqlens_m)
+        return self._into(dx_out, dx), self._into(postact_out, post)
+
+
+@pytest.fixture
+def ref_quack(monkeypatch):
+    pytest.importorskip("quack.gemm_interface")
+    fake = _RefQuack()
+    monkeypatch.setattr(ml.QuackGemm, "_interface", lambda self: fake)
+    monkeypatch.setattr(ml.QuackGemm, "check", lambda self, *a: None)  # the CUDA-only checks
+    return fake
+
+
+@pytest.mark.parametrize("gemm", ["quack_varlen", "quack_gated"])
+@pytest.mark.parametrize("direction", ["fwdbwd", "bwd"])
+def test_quack_backward_computes_the_layer_gradients(tmp_path, ref_quack, gemm, direction):
+    df = run(tmp_path, f"bench.gemm={gemm}", f"bench.direction={direction}", "capacity=cf", "capacity.cf=1.0")
+    fused = {"gemm1", "activation", "gemm2"} if gemm == "quack_gated" else set()
+    for st in TRAIN_ROWS_OK:
+        if st in fused:
+            assert df.loc[st, "status"] == "unsupported" and "gemm_dgated" in df.loc[st, "message"]
+        else:
+            assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])
+    calls = set(ref_quack.calls)
+    assert ("gemm", "varlen_k", ("out",) if gemm == "quack_gated" else None) in calls  # d_W1
+    assert ("gemm", "varlen_k", None) in calls  # d_W2
+    if gemm == "quack_gated":
+        assert {("gemm_act", True, ("B",)), ("gemm_dgated", "swiglu"), ("gemm", "varlen_m", ("B",))} <= calls
+
+
+def test_quack_gather_has_no_backward(tmp_path, ref_quack):
+    df = run(tmp_path, "bench.gemm=quack_gather_gated", "bench.direction=fwdbwd")
+    for st in ("gemm1", "gemm2", "experts", "total"):
+        assert df.loc[st, "status"] == "unsupported" and "gather-A" in df.loc[st, "message"], st
+    assert "fused into gemm1" in df.loc["pack", "message"]

@@ -1,6 +1,8 @@
 """bench=moe_layer on a GPU: every expert-GEMM path (torch loop, torch._grouped_mm, quack varlen,
 gather-A, gated epilogue) checked against the torch implementation at a mid shape, with and
-without a capacity, inside the job and directly; CUDA-graph timing (run with `pytest -m gpu`)."""
+without a capacity, inside the job and directly; CUDA-graph timing; the layer's backward
+(bench.direction) with impl=cute's routing backward and the grouped_mm / quack GEMM backward
+(run with `pytest -m gpu`)."""
 
 import pytest
 import torch
@@ -87,3 +89,28 @@ def test_graph_timing(tmp_path, gemm):
     else:
         assert (df.status == "ok").all(), df.message.tolist()
     assert (df.timing_mode == "graph").all()
+
+
+#: rows of a backward job that have no backward of their own
+NO_BACKWARD = {"metadata": "no backward"}
+FUSED_BACKWARD = {"quack_gated": {"gemm1", "activation", "gemm2"}}
+
+
+@pytest.mark.parametrize("gemm,direction,extra", [
+    ("grouped_mm", "fwdbwd", []), ("quack_varlen", "fwdbwd", []), ("quack_gated", "fwdbwd", []),
+    ("quack_varlen", "bwd", ["capacity=cf", "capacity.cf=1.0"]), ("quack_gated", "bwd", ["capacity=padded"]),
+])
+def test_layer_backward_checks_and_times_on_gpu(tmp_path, gemm, direction, extra):
+    df = _run(tmp_path, "impl=cute", f"bench.gemm={gemm}", f"bench.direction={direction}", *extra)
+    _skip_if_gated_epilogue_unavailable(df.loc["experts", "message"])
+    fused = FUSED_BACKWARD.get(gemm, set())
+    for stage, r in df.iterrows():
+        if stage in NO_BACKWARD:
+            assert r.status == "unsupported" and NO_BACKWARD[stage] in r.message, (stage, r.message)
+        elif stage in fused:
+            assert r.status == "unsupported" and "gemm_dgated" in r.message, (stage, r.message)
+        else:
+            assert r.status == "ok", (stage, r.message)
+    assert (df.direction == direction).all()
+    assert df.loc["dense_gemm", "tflops"] > 10 and 0 < df.loc["experts", "pct_of_dense"] < 200
+    assert df.loc["total", "stage_impl"].startswith("gate=torch,route=cute,metadata=cute,pack=cute")

@@ -1,4 +1,5 @@
-"""``bench=moe_layer``: one MoE layer forward with E experts of their own SwiGLU FFN, stage by stage.
+"""``bench=moe_layer``: one MoE layer with E experts of their own SwiGLU FFN, stage by stage:
+its forward, and with ``bench.direction`` its backward (see Training below).
 
 The chain (one row per stage, then the chain timed end to end)::
 
@@ -38,8 +39,8 @@ Rows beyond ``offsets[E]`` (the tail a capacity leaves) belong to no expert: the
 do not compute them and combine never reads them, so every check compares rows ``[0, offsets[E])``.
 
 Columns: ``flops`` and ``tflops`` (gate 2*T*H*E; gemm1 4*M*H*I; gemm2 2*M*I*H; experts and
-dense_gemm 6*M*H*I; total both, M = ``offsets[E]``), ``pct_of_dense`` (a GEMM row's TFLOP/s over
-the dense_gemm row's), ``routing_share`` on the total row ((gate + route + metadata + pack +
+dense_gemm 6*M*H*I; total both, M = ``offsets[E]``), ``pct_of_dense`` (a GEMM row's or the
+total's TFLOP/s over the dense_gemm row's), ``routing_share`` on the total row ((gate + route + metadata + pack +
 combine) / total; a fused pack counts 0), ``intermediate``, ``gemm_impl``, ``expert_rows`` (M).
 
 Correctness (outputs poisoned first): gate against an fp32 matmul; the routing stages exactly as
@@ -47,6 +48,33 @@ the other benches (``moebench.benches.stages``); every GEMM stage, the expert FF
 against the torch implementation at the job's shape; the dense GEMM on a sample of rows against
 fp32; and, on shapes small enough (``bench.fp32_reference=auto``: at most 2e10 expert FLOPs on the
 CPU, 4e12 on a GPU), the layer output against ``moe_layer_reference`` (fp32, independent code).
+
+Training (``bench.direction``): ``bwd`` times each stage's backward from a gradient of its output
+(on the reference forward's activations), ``fwdbwd`` its forward then its backward in one call --
+every row in the job's direction, as in the other benches (the metadata row has no backward:
+``unsupported``, so ``routing_share`` is left empty). The backward of
+
+* ``gate``: d_x = d_logits Wg^T, d_Wg = x^T d_logits (torch.mm) from a seeded d_logits;
+* ``route`` / ``pack`` / ``combine``: the job's impl (``impl_<stage>``: route_backward,
+  pack_backward, combine_backward), their rows and strict bytes those of ``stages.py``;
+* ``gemm1`` / ``activation`` / ``gemm2`` / ``experts``: the GEMM path's (``gemms.py``: torch
+  autograd for loop and grouped_mm, quack's varlen GEMMs -- varlen-M for d_A, varlen-K for d_W --
+  and ``gemm_dgated`` for quack_gated, where gemm2's backward holds the SwiGLU's, so its gemm1,
+  activation and gemm2 rows are ``unsupported`` and ``experts`` / ``total`` time it), from a
+  seeded d_y on the rows (gemm1, activation: the reference's d_h, d_a from it);
+* ``total``: from a seeded d_out: combine backward (d_y, d_w), the expert FFN's (d_packed, d_W1,
+  d_W2), pack backward (d_x), the kept weights' gradient straight through the metadata to the
+  route backward (d_logits), and the gate's (d_x += d_logits Wg^T, d_Wg); ``fwdbwd`` runs the
+  forward of every stage first, the backward on its own activations;
+* ``dense_gemm``: the two dense GEMMs' backward (d_x, d_W1; d_a, d_W2) from seeded gradients.
+
+FLOPs in a direction: the forward's times 1 (fwd), 2 (bwd), 3 (fwdbwd) -- experts and dense_gemm
+18*M*H*I fwd + bwd, total plus the gate's 6*T*H*E. Gradients are checked against torch autograd:
+of the torch expert FFN / torch layer in the job's dtype at the job's shape, and of
+``moe_layer_reference`` (and the FFN) in fp32 where ``bench.fp32_reference`` enables it; the
+tolerance is the dtype's chain tolerance with its atol relative to the reference gradient's RMS
+(``reference.grad_tolerance``: a weight gradient sums over an expert's rows and grows as their
+square root, its rounding with it).
 """
 
 from __future__ import annotations
@@ -59,12 +87,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from moebench import routing
 from moebench.benches.base import Bench, BenchConfig, Call, Case
-from moebench.benches.moe_layer.gemms import (GEMM_CLASSES, GEMMS, Buffers, QuackGemm, expert_ffn, make_gemm,
-                                              prepoison, torch_layer)
+from moebench.benches.moe_layer.gemms import (GEMM_CLASSES, GEMMS, Buffers, GradBuffers, QuackGemm, expert_ffn,
+                                              make_gemm, prepoison, torch_layer)
 from moebench.benches.moe_layer.quack_config import (QUACK_CONFIG_ACCEPTED, gemm_config_problem,
                                                      quack_config_fields, quack_config_name)
-from moebench.benches.moe_layer.reference import (FP32_REFERENCE_TOLERANCE, expert_flops, make_weights, make_x,
-                                                  moe_layer_reference)
+from moebench.benches.moe_layer.reference import (DIRECTION_FLOPS, FP32_REFERENCE_TOLERANCE, expert_flops,
+                                                  make_weights, make_x, moe_layer_reference)
+from moebench.benches.moe_layer.training import DENSE_CHECK_ROWS, LayerTraining
 from moebench.benches.stages import COMBINE, METADATA, PACK, ROUTE, Inputs, instantiate_impls, stage_case
 from moebench.check import Mismatch, assert_close, poison
 from moebench.errors import ConfigError, Unsupported
@@ -77,8 +106,6 @@ SHARE_STAGES = ("gate", "route", "metadata", "pack", "combine")
 FP32_REFERENCE = ("auto", True, False)
 #: expert FLOPs (6*T*S*H*I) up to which ``fp32_reference=auto`` runs the fp32 reference
 FP32_REFERENCE_MAX_FLOPS = {"cpu": 2e10, "cuda": 4e12}
-#: rows of the dense GEMM checked against fp32
-DENSE_CHECK_ROWS = 256
 
 
 def quack_config_of(value, gemm: str) -> str | None:
@@ -111,10 +138,6 @@ class MoeLayerConfig(BenchConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.direction != "fwd":
-            raise ConfigError(f"bench.direction={self.direction} is not accepted with bench=moe_layer: the layer's "
-                              "backward (quack's varlen and gated GEMM backward with the routing backward) is not "
-                              "built yet; accepted: fwd")
         if self.gemm not in GEMMS:
             raise ConfigError(f"bench.gemm={self.gemm!r} is not accepted; accepted: {', '.join(GEMMS)}")
         ref = self.fp32_reference
@@ -168,7 +191,7 @@ class Reference:
     out32: torch.Tensor | None
 
 
-class MoeLayerBench(Bench):
+class MoeLayerBench(LayerTraining, Bench):
     name = "moe_layer"
     Config = MoeLayerConfig
     stages = ("gate", "route", "metadata", "pack", "gemm1", "activation", "gemm2", "combine", "experts", "total",
@@ -192,8 +215,13 @@ class MoeLayerBench(Bench):
 
     def describe(self):
         j = self.job
-        return (f"bench=moe_layer gemm={self.eg.label} impl={j.impl} shape={j.shape} T={j.tokens} H={j.hidden} "
-                f"I={self.s.intermediate} E={j.experts} k={j.topk} dtype={j.dtype_name} device={j.device}")
+        return (f"bench=moe_layer gemm={self.eg.label} direction={self.direction} impl={j.impl} shape={j.shape} "
+                f"T={j.tokens} H={j.hidden} I={self.s.intermediate} E={j.experts} k={j.topk} dtype={j.dtype_name} "
+                f"device={j.device}")
+
+    @property
+    def direction(self) -> str:
+        return getattr(self.job.bench_config, "direction", "fwd")
 
     def setup(self, timer):
         super().setup(timer)
@@ -203,7 +231,12 @@ class MoeLayerBench(Bench):
         self.x = make_x(T, H, dt, dev, job.seed)
         self.w = make_weights(E, H, I, dt, dev, job.seed)
         self.ref = self._reference()
-        self.bufs = Buffers.allocate(T, H, E, I, self.ref.meta.num_rows, dt, dev, gate_up=not self.eg.fuses_act)
+        R, train = self.ref.meta.num_rows, self.direction != "fwd"
+        # training with the fused SwiGLU keeps gemm1's pre-activation (h) for its backward
+        self.bufs = Buffers.allocate(T, H, E, I, R, dt, dev, gate_up=train or not self.eg.fuses_act)
+        self.grads = (GradBuffers.allocate(T, H, E, I, R, dt, dev, gemm_grads=isinstance(self.eg, QuackGemm))
+                      if train else None)
+        self._grad_refs: dict = {}
         self.inputs = Inputs(self.ref.logits, self.ref.bias, self.ref.ids, self.ref.weights, self.ref.meta,
                              job.router.num_rows(T, job.topk, E), self.x, self.ref.y, self.ref.packed,
                              routing.combine(self.ref.y, self.ref.meta, weighted=job.weighted), self.ref.out)
@@ -235,6 +268,10 @@ class MoeLayerBench(Bench):
         if fp32_reference_enabled(self.s, job):
             out32 = moe_layer_reference(self.x, self.w, ids, meta.weights, meta.scatter_idx >= 0, job.weighted)
         return Reference(logits, prior, bias, ids, wts, meta, int(meta.offsets[-1]), packed, h, a, y, out, out32)
+
+    def _fp32(self) -> bool:
+        """Is the fp32 reference on (``bench.fp32_reference``)?"""
+        return fp32_reference_enabled(self.s, self.job)
 
     # -- checks -------------------------------------------------------------------------
     def _compare_rows(self, got: torch.Tensor, ref: torch.Tensor, what: str, after_act: bool = False) -> None:
@@ -289,6 +326,10 @@ class MoeLayerBench(Bench):
         return reset
 
     def call(self, stage: str) -> Call:
+        """The stage's call in the job's direction."""
+        return self._forward_call(stage) if self.direction == "fwd" else self._train_call(stage)
+
+    def _forward_call(self, stage: str) -> Call:
         job, ref, eg, w, b = self.job, self.ref, self.eg, self.w, self.bufs
         R, I = ref.meta.num_rows, self.s.intermediate
         inp = self.x if eg.fuses_pack else ref.packed
@@ -369,11 +410,13 @@ class MoeLayerBench(Bench):
         return "torch"
 
     def flops(self, stage: str) -> float | None:
+        """The stage's forward FLOPs times 1 (fwd), 2 (bwd: two GEMMs per GEMM) or 3 (fwdbwd)."""
         j, n, I = self.job, self.ref.rows, self.s.intermediate
         gate = 2.0 * j.tokens * j.hidden * j.experts
-        return {"gate": gate, "gemm1": 4.0 * n * j.hidden * I, "gemm2": 2.0 * n * I * j.hidden,
-                "experts": expert_flops(n, j.hidden, I), "dense_gemm": expert_flops(n, j.hidden, I),
-                "total": gate + expert_flops(n, j.hidden, I)}.get(stage)
+        fwd = {"gate": gate, "gemm1": 4.0 * n * j.hidden * I, "gemm2": 2.0 * n * I * j.hidden,
+               "experts": expert_flops(n, j.hidden, I), "dense_gemm": expert_flops(n, j.hidden, I),
+               "total": gate + expert_flops(n, j.hidden, I)}.get(stage)
+        return None if fwd is None else fwd * DIRECTION_FLOPS[self.direction]
 
     def cases(self):
         routing_stages = {"route": ROUTE, "metadata": METADATA, "pack": PACK, "combine": COMBINE}
@@ -384,15 +427,15 @@ class MoeLayerBench(Bench):
                                       "A_idx); no separate pack")
                 yield Case("pack", self.eg.label, fused)
             elif stage in routing_stages:
-                yield stage_case(routing_stages[stage], self.job, self.impls, self.inputs)
+                yield stage_case(routing_stages[stage], self.job, self.impls, self.inputs, self.direction)
             else:
                 yield Case(stage, self.stage_impl(stage), lambda st=stage: self.call(st), flops=self.flops(stage))
 
     def finish(self, rows):
-        """% of the same job's dense GEMM, routing share of the total."""
+        """% of the same job's dense GEMM (in the same direction), routing share of the total."""
         by = {r["stage"]: r for r in rows}
         dense = by.get("dense_gemm", {}).get("tflops")
-        for st in ("gemm1", "gemm2", "experts"):
+        for st in ("gemm1", "gemm2", "experts", "total"):
             r = by.get(st)
             if r is not None and dense and r.get("tflops") is not None:
                 r["pct_of_dense"] = 100.0 * r["tflops"] / dense
