@@ -174,3 +174,22 @@ def test_rotated_copies_keep_strides_and_dtypes():
     meta = R.build_metadata(*R.route(base, 2, RouterSpec()), 16)
     m = _clone(meta)
     assert all(getattr(m, f).stride() == getattr(meta, f).stride() for f in ("weights", "scatter_idx", "gather_idx"))
+
+
+def test_route_metadata_defaults_to_the_route_then_the_metadata():
+    """Impl.route_metadata (what the route_metadata stage calls when one implementation runs both
+    stages; impl=cute fuses it at decode sizes): the route's ids and weights and their metadata."""
+    from moebench.benches.stages import route_then_metadata
+    from moebench.impls.torch_impl import TorchImpl
+
+    x, ids, w = _routing("zipf", 37, 16, 4)
+    im = TorchImpl()
+    for cap in CAPS[:3]:
+        gids, gw, meta = im.route_metadata(x, 4, RouterSpec(), None, 16, cap)
+        assert torch.equal(gids.long(), ids.long())
+        assert_close(gw, w, "gate weights", rtol=1e-6, atol=1e-7)
+        check_metadata(meta, R.build_metadata(ids, w, 16, cap))
+        other = TorchImpl()  # two implementations: the route of one, the metadata of the other
+        check_metadata(route_then_metadata(im, other, x, 4, RouterSpec(), None, 16, cap, None)[2], meta)
+    _, _, meta = im.route_metadata(x, 4, RouterSpec())  # E from the logits, dropless
+    check_metadata(meta, R.build_metadata(ids, w, 16, CapacitySpec()))

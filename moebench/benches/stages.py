@@ -272,8 +272,8 @@ class RouteMetadata(Stage):
         E, k = job.experts, job.topk
 
         def fn():
-            ids, w = r_im.route(inp.logits, k, job.router, inp.bias)
-            return m_im.metadata(ids, w, E, job.capacity, inp.num_rows)
+            return route_then_metadata(r_im, m_im, inp.logits, k, job.router, inp.bias, E, job.capacity,
+                                       inp.num_rows)[2]
 
         def check(got):
             ref = inp.meta
@@ -284,6 +284,15 @@ class RouteMetadata(Stage):
             check_metadata(got, ref)
 
         return Call(fn, check, lambda: poison_free_blocks(_meta_tensors(inp.meta)))
+
+
+def route_then_metadata(r_im: Impl, m_im: Impl, logits, k, router, bias, E, capacity, num_rows):
+    """(ids, weights, metadata) from the logits: one call of ``route_metadata`` when one
+    implementation runs both stages (it may fuse them), else its route then the other's metadata."""
+    if r_im is m_im:
+        return r_im.route_metadata(logits, k, router, bias, E, capacity, num_rows)
+    ids, w = r_im.route(logits, k, router, bias)
+    return ids, w, m_im.metadata(ids, w, E, capacity, num_rows)
 
 
 def _tokens_read(meta: routing.RoutingMetadata) -> int:
@@ -409,10 +418,11 @@ class Total(Stage):
         routed = "route" in self.parts
 
         def fn():
-            ids, w = inp.ids, inp.weights
             if routed:
-                ids, w = impls["route"].route(inp.logits, k, job.router, inp.bias)
-            meta = impls["metadata"].metadata(ids, w, E, job.capacity, inp.num_rows)
+                meta = route_then_metadata(impls["route"], impls["metadata"], inp.logits, k, job.router, inp.bias,
+                                           E, job.capacity, inp.num_rows)[2]
+            else:
+                meta = impls["metadata"].metadata(inp.ids, inp.weights, E, job.capacity, inp.num_rows)
             p = impls["pack"].pack(inp.x, meta, out=packed)
             return impls["combine"].combine(p, meta, out=out, weighted=job.weighted)
 

@@ -84,6 +84,16 @@ class Impl:
                  num_rows: int | None = None) -> RoutingMetadata:
         raise self.missing("metadata")
 
+    def route_metadata(self, logits: torch.Tensor, k: int, router: RouterSpec, bias: torch.Tensor | None = None,
+                       num_experts: int | None = None, capacity: CapacitySpec | None = None,
+                       num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, RoutingMetadata]:
+        """logits [T, E] -> (ids, weights, metadata): the route, then the metadata of its ids
+        (``num_experts`` defaults to E, ``capacity`` to dropless). An implementation that does
+        both in fewer launches overrides it; the results are those of the two stages."""
+        ids, w = self.route(logits, k, router, bias)
+        E = num_experts if num_experts is not None else logits.shape[1]
+        return ids, w, self.metadata(ids, w, E, capacity if capacity is not None else CapacitySpec(), num_rows)
+
     def pack(self, x: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         raise self.missing("pack")
 

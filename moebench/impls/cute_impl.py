@@ -10,7 +10,10 @@ What runs
 * ``metadata`` (``kernels/metadata.py``): counts, offsets, gather and scatter indices
   without a sort or a host sync, dropless or with a capacity (``position`` policy,
   padded or not, renormalised or not); from ids of another route it first computes the
-  histogram (two launches).
+  histogram (two launches; one CTA, one launch, up to ``decode_tokens`` tokens).
+* ``route_metadata`` (decode, ``kernels/decode.py``): up to ``decode_tokens`` tokens, logits to
+  ids, weights and the full metadata in ONE launch (the route's CTAs, then the last of them
+  builds the metadata); above, the route then the metadata (two).
 * ``pack``: ``pack_mode=scatter`` walks the tokens in order, so memory reads each token
   once (the strict bytes), and writes it to its slots' rows; when the metadata may hold
   empty rows (a capacity, padding) the same launch zeros them from ``gather_idx``.
@@ -19,6 +22,8 @@ What runs
   row from its token (``x`` read once per slot: slower, 55-70 % of copy against ~87 %).
   ``auto`` takes scatter whenever it applies (S <= 16 slots), gather otherwise.
 * ``combine``: one row group per token sums its kept slots' rows in fp32 (no atomics).
+* pack and combine grids of fewer than ``split_ctas`` CTAs split each row's chunks over more
+  CTAs (the grid's height, a runtime value: the same kernels), so a few tokens use many SMs.
 
 Handled: bf16, fp16 and fp32; any number of tokens and rows (T = 0 returns at once);
 H a multiple of 8 elements; up to 16 slots per token for combine and scatter-pack (the
@@ -51,6 +56,11 @@ INT32_MAX = 2**31 - 1
 
 THREADS = (128, 256, 512, 1024)
 ROUTER_MAX_PER_LANE = (8, 16, 32)
+#: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
+#: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
+#: below which rows are split over more CTAs
+DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 1024, 256, 1024
+MAX_DECODE_TOKENS = 4096
 
 
 @dataclass
@@ -67,6 +77,12 @@ class CuteConfig(ImplConfig):
     router_threads: int = 512
     router_max_per_lane: int = 32
     router_prefetch: bool = True
+    #: decode: up to this many tokens, logits -> metadata (route_metadata) and ids -> metadata
+    #: are one launch each (0: never), with this many threads per CTA
+    decode_tokens: int = DECODE_TOKENS
+    decode_threads: int = DECODE_THREADS
+    #: pack / combine grids of fewer CTAs than this are split along the rows (0: never)
+    split_ctas: int = SPLIT_CTAS
 
     def __post_init__(self):
         accepted("impl.pack_mode", self.pack_mode, PACK_MODES)
@@ -80,6 +96,11 @@ class CuteConfig(ImplConfig):
                               "kernel's default)")
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
+        accepted("impl.decode_threads", self.decode_threads, THREADS)
+        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+                raise ConfigError(f"impl.{key}={v!r} is not accepted; an integer in 0..{top} (0: off)")
 
     @property
     def tune(self) -> dict:
@@ -96,10 +117,10 @@ class CuteConfig(ImplConfig):
 def _kernels() -> types.SimpleNamespace:
     """The kernel modules, imported on first use (CuTeDSL is heavy and optional)."""
     try:
-        from moebench.kernels import backward, combine, metadata, pack, pack_fp8, router
+        from moebench.kernels import backward, combine, decode, metadata, pack, pack_fp8, router
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise Unsupported(f"impl=cute needs nvidia-cutlass-dsl ({e})") from e
-    return types.SimpleNamespace(backward=backward, combine=combine, metadata=metadata, pack=pack,
+    return types.SimpleNamespace(backward=backward, combine=combine, decode=decode, metadata=metadata, pack=pack,
                                  pack_fp8=pack_fp8, router=router)
 
 
@@ -131,6 +152,8 @@ class CuteImpl(Impl):
         self.scatter_per_slot = None if config.scatter_per_slot == "auto" else config.scatter_per_slot
         self.tune = config.tune
         self.router_tune = config.router_tune
+        self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
+        self.split_ctas = config.split_ctas
         self._select_out: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
@@ -210,21 +233,61 @@ class CuteImpl(Impl):
         R = capacity.packed_rows(T, S, E, num_rows)
         if R > INT32_MAX:
             raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
-        kmeta = _kernels().metadata
+        k = _kernels()
+        kmeta = k.metadata
         carried = getattr(ids, _HIST_ATTR, None)
         tile = kmeta.tile_size(T)
+        w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
         if (carried is not None and carried[1] == tile and carried[2] == ids._version
                 and carried[0].shape[1] == kmeta.hist_cols(E)):
             hist = carried[0]  # the route kernel's by-product: no histogram launch
         else:
             ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()
+            if 0 < T <= self.decode_tokens:  # decode: histogram and metadata in one launch of one CTA
+                res = k.decode.metadata(ids, w, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop,
+                                        capacity.align, threads=self.decode_threads)
+                if res is not None:
+                    return self._meta(capacity, cap, *res)
             hist = kmeta.histogram(ids, E, tile)
-        w = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
-        counts, offsets, routed, gather, scatter, kept_w = kmeta.indices(
-            ids, w, hist, tile, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align)
-        return RoutingMetadata(num_experts=E, counts=counts, offsets=offsets, gather_idx=gather, scatter_idx=scatter,
-                               weights=kept_w, routed_counts=routed, capacity=cap,
+        return self._meta(capacity, cap, *kmeta.indices(
+            ids, w, hist, tile, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align))
+
+    @staticmethod
+    def _meta(capacity: CapacitySpec, cap, counts, offsets, routed, gather, scatter, kept_w) -> RoutingMetadata:
+        return RoutingMetadata(num_experts=counts.shape[0], counts=counts, offsets=offsets, gather_idx=gather,
+                               scatter_idx=scatter, weights=kept_w, routed_counts=routed, capacity=cap,
                                padded=capacity.pad_to_capacity and cap is not None, align=capacity.align)
+
+    def route_metadata(self, logits, k, router, bias=None, num_experts=None, capacity=None, num_rows=None):
+        """Logits to (ids, weights, metadata); at most ``decode_tokens`` tokens in one launch
+        (``kernels/decode.py``), else the route kernel then the metadata kernel (two)."""
+        self.check_device(logits.device)
+        T, E = logits.shape
+        capacity = capacity if capacity is not None else CapacitySpec()
+        if not (0 < T <= self.decode_tokens) or (num_experts is not None and num_experts != E):
+            return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)
+        if logits.dtype not in DTYPES:
+            raise Unsupported(f"impl=cute routes bfloat16/float16/float32 logits, not {logits.dtype}")
+        static = router_static(router, k, E, bias is not None)
+        if router.name == "top1":
+            k = 1
+        if capacity.drop_policy != "position" and not capacity.dropless:
+            raise Unsupported(f"capacity.drop_policy={capacity.drop_policy}: impl=cute drops by position only "
+                              "(the probs policy needs a per-expert sort by weight)")
+        cap = capacity.capacity(T, k, E)
+        R = capacity.packed_rows(T, k, E, num_rows)
+        if R > INT32_MAX:
+            raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
+        if not logits.is_contiguous() or logits.data_ptr() % 16:
+            logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
+        tune = {key: v for key, v in self.router_tune.items() if key != "threads"}
+        res = _kernels().decode.route_metadata(
+            logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
+            threads=self.decode_threads, **dict(static, has_bias=bias is not None), **tune)
+        if res is None:  # too much shared memory, or captured on a stream with no ticket counter yet
+            return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)
+        ids, w, *meta = res
+        return ids, w, self._meta(capacity, cap, *meta)
 
     def pack(self, x, meta, out=None):
         self._check_rows(x, "x")
@@ -246,7 +309,7 @@ class CuteImpl(Impl):
         if mode == "scatter":
             tune = dict(tune, **kpack.scatter_tuning(kpack.TORCH_TO_CUTE[x.dtype], H, self.scatter_per_slot))
         return kpack.pack(x, meta.gather_idx, meta.scatter_idx, out, mode=mode,
-                          zero_empty=meta.may_have_empty_rows, **tune)
+                          zero_empty=meta.may_have_empty_rows, split_ctas=self.split_ctas, **tune)
 
     def combine(self, y, meta, out=None, weighted=True):
         self._check_rows(y, "y")
@@ -264,7 +327,8 @@ class CuteImpl(Impl):
         else:
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
         kcombine = _kernels().combine
-        return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted, **self.tune)
+        return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted,
+                                split_ctas=self.split_ctas, **self.tune)
 
     def pack_fp8(self, x, meta, quant, out=None):
         """The quantizing scatter pack (``kernels.pack_fp8``): bf16 / fp16 x, H a multiple of 128."""
@@ -308,7 +372,8 @@ class CuteImpl(Impl):
             raise Unsupported(f"pack backward sums at most {MAX_SLOTS} slots per token; this routing has S={S}")
         kcombine = _kernels().combine
         out = d_packed.new_empty(T, d_packed.shape[1])
-        return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False, **self.tune)
+        return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False,
+                                split_ctas=self.split_ctas, **self.tune)
 
     def combine_backward(self, d_out, y, meta, weighted=True):
         self._check_rows(y, "y")

@@ -25,11 +25,14 @@ from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import (
     COMPILE_OPTIONS,
+    SPLIT_CTAS,
     TORCH_TO_CUTE,
     CompileCache,
     RowTiling,
     as_rows,
     as_table,
+    chunk_range,
+    col_splits,
     fake_rows,
     fake_stream,
     fake_table,
@@ -69,12 +72,12 @@ class Combine:
         self.hint = hint
 
     @cute.jit
-    def __call__(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor,
+    def __call__(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, splits: Int32,
                  stream: cuda.CUstream):
         assert mY.element_type == self.dtype and mOut.element_type == self.dtype
         tl = self.tiling
         self.kernel(mY, mScatter, mW, mOut).launch(
-            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), 1, 1], block=[tl.threads, 1, 1], stream=stream)
+            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), splits, 1], block=[tl.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
@@ -96,7 +99,8 @@ class Combine:
             gOut = row_vectors(mOut, tok, vec)
             frag = cute.make_rmem_tensor((vec, tl.iters, S), self.dtype)  # loaded rows
             res = cute.make_rmem_tensor((vec, tl.iters), self.dtype)  # rounded sums
-            for c in cutlass.range(tl.chunks, unroll=1):
+            lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
+            for c in cutlass.range(lo, hi, unroll=1):
                 base = c * (tl.tpr * tl.iters) + lane
                 # 1. issue every load of the chunk, S rows x iters vectors; dropped or
                 #    unused slots are not read and keep a zero fragment
@@ -131,15 +135,28 @@ def compile_combine(dtype, H: int, S: int, weighted: bool, **tune):
     def build():
         T, R = cute.sym_int(), cute.sym_int()
         return cute.compile(Combine(dtype, H, S, weighted=weighted, **tune), fake_rows(dtype, R, H),
-                            fake_table(Int32, T, S), fake_table(Float32, T, S), fake_rows(dtype, T, H),
+                            fake_table(Int32, T, S), fake_table(Float32, T, S), fake_rows(dtype, T, H), Int32(1),
                             fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(key, build)
 
 
+_tilings: dict = {}
+
+
+def combine_tiling(dtype, H: int, S: int, **tune) -> RowTiling:
+    """The row tiling of the compiled combine of this static key (for the host's grid)."""
+    key = (dtype, H, S, tuple(sorted(tune.items())))
+    t = _tilings.get(key)
+    if t is None:
+        t = _tilings[key] = Combine(dtype, H, S, **tune).tiling
+    return t
+
+
 def combine(y: torch.Tensor, scatter_idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
-            weighted: bool = True, **tune) -> torch.Tensor:
-    """Launch the combine on the current stream; writes ``out [T, H]`` and returns it.
+            weighted: bool = True, split_ctas: int = SPLIT_CTAS, **tune) -> torch.Tensor:
+    """Launch the combine on the current stream; writes ``out [T, H]`` and returns it. A grid of
+    fewer than ``split_ctas`` CTAs is split along the rows (``common.col_splits``; 0: never).
 
     The caller has checked dtype, H and S (see ``moebench.impls.cute_impl``)."""
     T, S = scatter_idx.shape
@@ -151,8 +168,10 @@ def combine(y: torch.Tensor, scatter_idx: torch.Tensor, weights: torch.Tensor, o
     dtype = TORCH_TO_CUTE[y.dtype]
     y = as_rows(y)
     dst = out if rows_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    tiling = combine_tiling(dtype, H, S, **tune)
+    splits = col_splits(tiling, tiling.grid(T), split_ctas)
     compile_combine(dtype, H, S, weighted, **tune)(
-        y, as_table(scatter_idx, torch.int32), as_table(weights, torch.float32), dst)
+        y, as_table(scatter_idx, torch.int32), as_table(weights, torch.float32), dst, splits)
     if dst is not out:
         out.copy_(dst)
     return out

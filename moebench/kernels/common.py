@@ -14,6 +14,14 @@ last chunk is predicated when the row does not divide evenly.
 A CTA of ``threads`` threads holds ``threads / tpr`` row groups, i.e. that many rows; the
 grid has one CTA per ``rows_per_cta`` rows, so the number of rows is a runtime value and a
 new token count never recompiles.
+
+Column splits (decode)
+----------------------
+A few rows make a grid of a few CTAs, each walking its rows' chunks one after another: at T 1
+a combine of 14 KB rows ran 7 dependent memory round trips on one SM. The grid's y dimension
+(a runtime value, :func:`col_splits`) cuts each row's chunks into that many consecutive
+shares, one per CTA (:func:`chunk_range`): the same compiled kernel runs a few rows on many
+SMs, each CTA with one round trip in flight. At large T the grid is 1 high, as before.
 """
 
 from __future__ import annotations
@@ -89,6 +97,35 @@ class RowTiling:
 
     def grid(self, rows: int) -> int:
         return -(-rows // self.rows_per_cta)
+
+
+#: the pack / combine grids are split along the row (column splits) until they hold about this
+#: many CTAs (impl.split_ctas; 0: never split)
+SPLIT_CTAS = 1024
+
+
+def col_splits(tiling: RowTiling, ctas: int, target: int = SPLIT_CTAS) -> int:
+    """How many CTAs share each row group's chunks (the grid's height): enough to bring a grid
+    of ``ctas`` CTAs near ``target``, at most one chunk each, none empty; 1 when the grid is
+    large already, the row is one chunk, or ``target`` is 0."""
+    if target <= 0 or tiling.chunks == 1 or ctas >= target:
+        return 1
+    splits = min(tiling.chunks, -(-target // max(ctas, 1)))
+    per = -(-tiling.chunks // splits)  # chunks per CTA
+    return -(-tiling.chunks // per)
+
+
+@cute.jit
+def chunk_range(tiling: cutlass.Constexpr):
+    """This CTA's chunks of its rows, ``[lo, hi)``: all of them in a grid 1 high, else share
+    ``blockIdx.y`` of ``gridDim.y`` (see the module doc)."""
+    if const_expr(tiling.chunks == 1):  # a row is one chunk: never split (the loop as before)
+        return 0, 1
+    _, by, _ = cute.arch.block_idx()
+    _, ny, _ = cute.arch.grid_dim()
+    per = (tiling.chunks + ny - 1) // ny
+    lo = by * per
+    return lo, cutlass.min(lo + per, tiling.chunks)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The tokens are cut into *tiles* (``tile`` tokens, a runtime value, at most ~128 
 ``hist[b, e]`` (int16, rows padded to ``hist_cols(E)``, a multiple of 8) counts the
 assignments of tile ``b`` to expert ``e``. The router kernel writes it as a by-product
 (``moebench.kernels.router``); :class:`ExpertHistogram` computes it from ids that came from
-elsewhere. Then one launch of :class:`MetadataIndices`, one CTA per tile:
+elsewhere (both in ``moebench.kernels.histogram``). Then one launch of :class:`MetadataIndices`,
+one CTA per tile:
 
 1. per expert, the total over all tiles and the sum over the tiles before this one (the
    histogram read as 16-byte vectors, 8 experts each);
@@ -34,47 +35,24 @@ import cuda.bindings.driver as cuda
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int16, Int32, const_expr
+from cutlass import Float32, Int32, const_expr
 
-
-class ExpertHistogram:
-    """ids [T, S] -> hist [tiles, hist_cols(E)] int16: assignments of each tile of ``tile``
-    tokens per expert (the padding columns 0)."""
-
-    def __init__(self, E: int, S: int, threads: int = 256):
-        self.E, self.S, self.threads = E, S, threads
-
-    @cute.jit
-    def __call__(self, mIds: cute.Tensor, mHist: cute.Tensor, tile: Int32, stream: cuda.CUstream):
-        self.kernel(mIds, mHist, tile).launch(grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1],
-                                              stream=stream)
-
-    @cute.kernel
-    def kernel(self, mIds: cute.Tensor, mHist: cute.Tensor, tile: Int32):
-        E, S = self.E, self.S
-        tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
-        smem = cutlass.memory.SmemAllocator()
-        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(E)), byte_alignment=16)
-        for e in cutlass.range(tidx, hist_cols(E), self.threads, unroll=1):
-            sHist[e] = 0
-        cute.arch.sync_threads()
-        t0 = bidx * tile
-        n = (cutlass.min(t0 + tile, mIds.shape[0]) - t0) * S
-        for a in cutlass.range(tidx, n, self.threads, unroll=1):  # (token, slot) pairs of the tile
-            tl = a // S
-            e = mIds[t0 + tl, a - tl * S]
-            if e >= 0:
-                cute.arch.atomic_add(sHist.iterator + e, Int32(1), scope="cta")
-        cute.arch.sync_threads()
-        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
-
-
-@cute.jit
-def store_hist_row(mHist: cute.Tensor, b: Int32, sHist: cute.Tensor, tidx: Int32, threads: cutlass.Constexpr[int]):
-    """Row ``b`` of the int16 histogram from a CTA's int32 counts (all ``hist_cols`` of them)."""
-    for e in cutlass.range(tidx, mHist.shape[1], threads, unroll=1):
-        mHist[b, e] = sHist[e].to(Int16)
+# the histogram (its kernel, layout and tiles): re-exported, part of this module's interface
+from moebench.kernels.histogram import (  # noqa: F401
+    MAX_TILE,
+    TARGET_TILES,
+    ExpertHistogram,
+    clear_hist,
+    compile_histogram,
+    fake_hist,
+    fake_hist_words,
+    hist_cols,
+    histogram,
+    new_hist,
+    num_tiles,
+    store_hist_row,
+    tile_size,
+)
 
 
 class MetadataIndices:
@@ -112,6 +90,19 @@ class MetadataIndices:
         # S = 2, costs at S = 8 (measured on an H100)
         self.overlap = S < 4 if overlap is None else overlap
         self.words = threads // 32  # bit words per expert per chunk (a chunk: one token per thread)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Shared memory the kernel's body allocates (each array 16-byte aligned)."""
+        E, NT, S = self.E, self.threads, self.S
+        arrays = [E * self.parts, E * self.parts, E, E + 1, 64, E * self.words, E * self.words, E]
+        if self.align > 1 and not self.padded:
+            arrays.append(E)
+        if self.capacity:
+            arrays.append(NT * S)
+        if self.sorted_gather:
+            arrays += [E + 1, NT * S, NT * S]
+        return sum(-(-4 * n // 16) * 16 for n in arrays)
 
     @cute.jit
     def __call__(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHistW: cute.Tensor, mCounts: cute.Tensor,
@@ -190,16 +181,25 @@ class MetadataIndices:
         cute.arch.sync_threads()
 
     @cute.jit
-    def load_chunk_ids(self, mIds: cute.Tensor, c0: Int32, npairs: Int32, tidx: Int32, eid: cute.Tensor):
+    def load_chunk_ids(self, mIds: cute.Tensor, c0: Int32, npairs: Int32, tidx: Int32, eid: cute.Tensor,
+                       sIds: cute.Tensor = None, local: Int32 = None):
         """The expert of this thread's (token, slot) pairs of the chunk starting at token c0:
-        pair ``a = tidx + i * threads`` is token ``c0 + a // S``, slot ``a % S`` (-1 past the end)."""
+        pair ``a = tidx + i * threads`` is token ``c0 + a // S``, slot ``a % S`` (-1 past the end);
+        from ``sIds`` (the ids of all tokens from token 0, flat) when ``local != 0``."""
         S, NT = self.S, self.threads
         for i in cutlass.range_constexpr(S):
             a = tidx + i * NT
             e = Int32(-1)
             if a < npairs:
-                tl = a // S
-                e = mIds[c0 + tl, a - tl * S]
+                if const_expr(sIds is not None):
+                    if local != 0:
+                        e = sIds[c0 * S + a]
+                    else:
+                        tl = a // S
+                        e = mIds[c0 + tl, a - tl * S]
+                else:
+                    tl = a // S
+                    e = mIds[c0 + tl, a - tl * S]
             eid[i] = e
 
     @cute.jit
@@ -208,6 +208,59 @@ class MetadataIndices:
         for i in cutlass.range_constexpr(self.rows_per_batch):
             b = cutlass.min(b0 + i * self.parts, nb - 1)
             cute.copy(atom, cute.zipped_divide(mHistW[b, None], (4,))[None, q], frag[None, i])
+
+    @cute.jit
+    def first_hist_batch(self, mHistW: cute.Tensor, tidx: Int32, atom, frag: cute.Tensor):
+        """With ``overlap``: each thread's first batch of histogram rows, issued early."""
+        NQ = self.cols // 8
+        if tidx < NQ * self.parts:
+            self.load_hist_batch(mHistW, tidx // NQ, tidx % NQ, mHistW.shape[0], atom, frag)
+
+    @cute.jit
+    def sum_hist_rows(self, mHistW: cute.Tensor, bidx: Int32, tidx: Int32, sPre: cute.Tensor, sTot: cute.Tensor,
+                      atom, frag: cute.Tensor, aPre: cute.Tensor, aTot: cute.Tensor):
+        """Step 1's sums over the histogram rows: per part ``p`` and expert, into
+        ``sTot[p * E + e]`` (all rows) and ``sPre[p * E + e]`` (the rows before ``bidx``)."""
+        E, NT, P, RB = self.E, self.threads, self.parts, self.rows_per_batch
+        NQ = self.cols // 8
+        nb = mHistW.shape[0]
+        for item in cutlass.range(tidx, NQ * P, NT, unroll=1):
+            p = item // NQ
+            q = item - p * NQ
+            aPre.fill(0)
+            aTot.fill(0)
+            for b0 in cutlass.range(p, nb, P * RB, unroll=1):
+                if not self.overlap or item != tidx or b0 != p:  # the first batch is in flight already
+                    self.load_hist_batch(mHistW, b0, q, nb, atom, frag)
+                for i in cutlass.range_constexpr(RB):
+                    b = b0 + i * P
+                    for j in cutlass.range_constexpr(4):
+                        v = frag[j, i]
+                        if b >= nb:
+                            v = Int32(0)
+                        lo = v & 0xFFFF  # expert q * 8 + 2j (little-endian), counts < 2**15
+                        hi = v >> 16
+                        aTot[2 * j] = aTot[2 * j] + lo
+                        aTot[2 * j + 1] = aTot[2 * j + 1] + hi
+                        if b >= bidx:
+                            lo = Int32(0)
+                            hi = Int32(0)
+                        aPre[2 * j] = aPre[2 * j] + lo
+                        aPre[2 * j + 1] = aPre[2 * j + 1] + hi
+            for j in cutlass.range_constexpr(8):
+                if q * 8 + j < E:
+                    sPre[p * E + q * 8 + j] = aPre[j]
+                    sTot[p * E + q * 8 + j] = aTot[j]
+
+    @cute.jit
+    def sum_parts(self, sTot: cute.Tensor, sPre: cute.Tensor, e: Int32):
+        """Expert e's total and its count before this tile: the sums of step 1's parts."""
+        tot = sTot[e]
+        pre = sPre[e]
+        for p in cutlass.range_constexpr(1, self.parts):  # independent loads, all in flight
+            tot += sTot[p * self.E + e]
+            pre += sPre[p * self.E + e]
+        return tot, pre
 
     @cute.jit
     def clear_bits(self, sBits: cute.Tensor, nwa: Int32, tidx: Int32):
@@ -255,12 +308,30 @@ class MetadataIndices:
     def kernel(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHistW: cute.Tensor, mCounts: cute.Tensor,
                mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
                mKeptW: cute.Tensor, tile: Int32, cap: Int32):
-        E, S, NT, P, NW = self.E, self.S, self.threads, self.parts, self.words
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        nb = mHistW.shape[0]
+        self.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW, tile, cap,
+                  bidx, mHistW.shape[0], tidx)
+
+    @cute.jit
+    def body(self, mIds: cute.Tensor, mWeights: cute.Tensor, mHistW: cute.Tensor, mCounts: cute.Tensor,
+             mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor, mScatter: cute.Tensor,
+             mKeptW: cute.Tensor, tile: Int32, cap: Int32, bidx: Int32, workers: Int32, tidx: Int32,
+             sHistIn: cute.Tensor = None, sIdsIn: cute.Tensor = None, local: Int32 = None):
+        """The metadata of tile ``bidx`` (tokens ``bidx * tile ..``), by one CTA of ``workers``
+        that share the rows of step 3 (the kernel: every tile's CTA; a fused decode kernel, see
+        ``moebench.kernels.decode``: one CTA with ``bidx = 0``, ``tile = T``). With ``sHistIn``
+        (the CTA's int32 counts of all tokens) and ``local != 0`` (a runtime value) the totals
+        come from shared memory instead of the histogram rows, and with ``sIdsIn`` (the ids of
+        all tokens, ``[T * S]``) the ids too: the decode kernel's single-CTA case. ``local=True``
+        (static) always takes them from shared memory; ``mHistW`` is then not read (None)."""
+        E, S, NT, P, NW = self.E, self.S, self.threads, self.parts, self.words
         T = mIds.shape[0]
         R = mGather.shape[0]
+        # where the totals come from: the histogram rows, shared memory, or either (runtime)
+        source = "rows" if sHistIn is None else ("smem" if local is True else "either")
+        if const_expr(source != "either"):
+            local = Int32(0) if const_expr(source == "rows") else Int32(1)
 
         smem = cutlass.memory.SmemAllocator()
         sTot = smem.allocate_tensor(Int32, cute.make_layout(E * P), byte_alignment=16)
@@ -289,7 +360,7 @@ class MetadataIndices:
         #    after). The first chunk's bits for step 4 are set around it (with `overlap`,
         #    while the first batch is in flight), their word prefixes computed with the sums
         #    over the parts, the expert-run starts scanned with the offsets: fewer barriers
-        NQ, RB = self.cols // 8, self.rows_per_batch
+        RB = self.rows_per_batch
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=128)
         frag = cute.make_rmem_tensor((4, RB), Int32)
         aPre = cute.make_rmem_tensor((8,), Int32)
@@ -299,49 +370,36 @@ class MetadataIndices:
         ntok0 = cutlass.min(t_end - t0, NT)
         nwa0 = (ntok0 + 31) // 32
         eid = cute.make_rmem_tensor((S,), Int32)
-        self.load_chunk_ids(mIds, t0, ntok0 * S, tidx, eid)
+        self.load_chunk_ids(mIds, t0, ntok0 * S, tidx, eid, sIdsIn, local)
         self.clear_bits(sBits, nwa0, tidx)
         cute.arch.sync_threads()
         if const_expr(self.overlap):
-            if tidx < NQ * P:
-                self.load_hist_batch(mHistW, tidx // NQ, tidx % NQ, nb, atom, frag)
+            if const_expr(source == "either"):
+                if local == 0:
+                    self.first_hist_batch(mHistW, tidx, atom, frag)
+            elif const_expr(source == "rows"):
+                self.first_hist_batch(mHistW, tidx, atom, frag)
             self.mark_bits(sBits, eid, tidx)
-        for item in cutlass.range(tidx, NQ * P, NT, unroll=1):
-            p = item // NQ
-            q = item - p * NQ
-            aPre.fill(0)
-            aTot.fill(0)
-            for b0 in cutlass.range(p, nb, P * RB, unroll=1):
-                if not self.overlap or item != tidx or b0 != p:  # the first batch is in flight already
-                    self.load_hist_batch(mHistW, b0, q, nb, atom, frag)
-                for i in cutlass.range_constexpr(RB):
-                    b = b0 + i * P
-                    for j in cutlass.range_constexpr(4):
-                        v = frag[j, i]
-                        if b >= nb:
-                            v = Int32(0)
-                        lo = v & 0xFFFF  # expert q * 8 + 2j (little-endian), counts < 2**15
-                        hi = v >> 16
-                        aTot[2 * j] = aTot[2 * j] + lo
-                        aTot[2 * j + 1] = aTot[2 * j + 1] + hi
-                        if b >= bidx:
-                            lo = Int32(0)
-                            hi = Int32(0)
-                        aPre[2 * j] = aPre[2 * j] + lo
-                        aPre[2 * j + 1] = aPre[2 * j + 1] + hi
-            for j in cutlass.range_constexpr(8):
-                if q * 8 + j < E:
-                    sPre[p * E + q * 8 + j] = aPre[j]
-                    sTot[p * E + q * 8 + j] = aTot[j]
+        if const_expr(source == "either"):
+            if local == 0:
+                self.sum_hist_rows(mHistW, bidx, tidx, sPre, sTot, atom, frag, aPre, aTot)
+        elif const_expr(source == "rows"):
+            self.sum_hist_rows(mHistW, bidx, tidx, sPre, sTot, atom, frag, aPre, aTot)
         if const_expr(not self.overlap):
             self.mark_bits(sBits, eid, tidx)
         cute.arch.sync_threads()
         for e in cutlass.range(tidx, E, NT, unroll=1):
-            tot = sTot[e]
-            pre = sPre[e]
-            for p in cutlass.range_constexpr(1, P):  # independent loads, all in flight
-                tot += sTot[p * E + e]
-                pre += sPre[p * E + e]
+            tot = Int32(0)
+            pre = Int32(0)
+            if const_expr(source == "either"):
+                if local != 0:  # one CTA holds every token: its own counts, nothing before
+                    tot = sHistIn[e]
+                else:
+                    tot, pre = self.sum_parts(sTot, sPre, e)
+            elif const_expr(source == "smem"):
+                tot = sHistIn[e]
+            else:
+                tot, pre = self.sum_parts(sTot, sPre, e)
             sTot[e] = tot
             sPre[e] = pre  # becomes the running rank base of the chunks below
             kept = tot
@@ -376,12 +434,12 @@ class MetadataIndices:
 
         # 3. rows no assignment fills: gather_idx = -1 (past the last aligned block: -2)
         if const_expr(self.padded or self.align > 1):
-            for e in cutlass.range(bidx, E, nb, unroll=1):
+            for e in cutlass.range(bidx, E, workers, unroll=1):
                 for r in cutlass.range(sOff[e] + sKept[e] + tidx, sOff[e + 1], NT, unroll=1):
                     mGather[r] = -1
         if const_expr(not self.padded):
             tail = Int32(-2) if const_expr(self.align > 1) else Int32(-1)
-            for r in cutlass.range(sOff[E] + bidx * NT + tidx, R, nb * NT, unroll=1):
+            for r in cutlass.range(sOff[E] + bidx * NT + tidx, R, workers * NT, unroll=1):
                 mGather[r] = tail
 
         # 4. the tile in chunks of NT tokens; the chunk's (token, slot) pairs spread over all
@@ -391,7 +449,7 @@ class MetadataIndices:
             ntok = cutlass.min(t_end - c0, NT)
             npairs = ntok * S
             if c0 != t0:  # the first chunk's bits were done with phases 1 and 2
-                self.load_chunk_ids(mIds, c0, npairs, tidx, eid)
+                self.load_chunk_ids(mIds, c0, npairs, tidx, eid, sIdsIn, local)
                 self.chunk_ranks(c0, t_end, tidx, eid, sBits, sPfx, sCnt, sCoff, sWarp)
             for i in cutlass.range_constexpr(S):
                 a = tidx + i * NT
@@ -456,53 +514,9 @@ import torch  # noqa: E402
 
 from moebench.kernels.common import COMPILE_OPTIONS, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
 
-#: the tokens are cut into about this many tiles (one CTA each in both launches)
-TARGET_TILES = 128
-#: most tokens per tile: a tile's count of one expert fits the int16 histogram
-MAX_TILE = 16384
 #: shared memory the metadata kernel may use with gather_idx written in expert order
 SORTED_GATHER_SMEM = 200 * 1024
 _cache = CompileCache()
-
-
-def hist_cols(E: int) -> int:
-    """Columns of the int16 histogram: E rounded up to 8 (rows of whole 16-byte vectors)."""
-    return -(-E // 8) * 8
-
-
-def fake_hist(tiles, E: int):
-    """hist [tiles, hist_cols(E)] int16 as its writers see it: contiguous, 16-byte aligned."""
-    cols = hist_cols(E)
-    return cute.runtime.make_fake_tensor(Int16, (tiles, cols), stride=(cols, 1), assumed_align=16)
-
-
-def fake_hist_words(tiles, E: int):
-    """The same histogram as the metadata kernel reads it: int32 words of two counts."""
-    w = hist_cols(E) // 2
-    return cute.runtime.make_fake_tensor(Int32, (tiles, w), stride=(w, 1), assumed_align=16)
-
-
-def new_hist(T: int, E: int, tile: int, device) -> torch.Tensor:
-    return torch.empty(num_tiles(T, tile), hist_cols(E), dtype=torch.int16, device=device)
-
-
-def tile_size(T: int) -> int:
-    """Tokens per tile: a multiple of 32 giving at most ~TARGET_TILES tiles (more above
-    TARGET_TILES * MAX_TILE tokens)."""
-    return 32 * max(1, min(-(-T // (32 * TARGET_TILES)), MAX_TILE // 32))
-
-
-def num_tiles(T: int, tile: int) -> int:
-    return max(1, -(-T // tile))
-
-
-def compile_histogram(E: int, S: int):
-    def build():
-        T, B = cute.sym_int(), cute.sym_int()
-        return cute.compile(ExpertHistogram(E, S), fake_table(Int32, T, S), fake_hist(B, E), Int32(1),
-                            fake_stream(), options=COMPILE_OPTIONS)
-
-    return _cache.get(("hist", E, S), build)
 
 
 def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: bool, align: int = 1,
@@ -517,16 +531,6 @@ def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: b
             fake_table(Float32, T, S), Int32(1), Int32(1), fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(("indices", E, S, capacity, padded, renormalize, align, sorted_gather, overlap, parts), build)
-
-
-def histogram(ids: torch.Tensor, E: int, tile: int) -> torch.Tensor:
-    """hist [tiles, hist_cols(E)] int16 of contiguous int32 ``ids [T, S]``."""
-    T, S = ids.shape
-    hist = new_hist(T, E, tile, ids.device)
-    if T == 0:
-        return hist.zero_()
-    compile_histogram(E, S)(ids, hist, tile)
-    return hist
 
 
 def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: int, E: int, num_rows: int,

@@ -33,11 +33,14 @@ from cutlass import Int32, const_expr
 
 from moebench.kernels.common import (
     COMPILE_OPTIONS,
+    SPLIT_CTAS,
     TORCH_TO_CUTE,
     CompileCache,
     RowTiling,
     as_rows,
     as_table,
+    chunk_range,
+    col_splits,
     fake_rows,
     fake_stream,
     fake_table,
@@ -75,11 +78,12 @@ class PackGather:
         self.hint = hint
 
     @cute.jit
-    def __call__(self, mX: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
+    def __call__(self, mX: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor, splits: Int32,
+                 stream: cuda.CUstream):
         assert mX.element_type == self.dtype and mOut.element_type == self.dtype
         tl = self.tiling
         self.kernel(mX, mGather, mOut).launch(
-            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), 1, 1], block=[tl.threads, 1, 1], stream=stream)
+            grid=[cute.ceil_div(mOut.shape[0], tl.rows_per_cta), splits, 1], block=[tl.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor):
@@ -90,18 +94,19 @@ class PackGather:
         lane = tidx % tl.tpr
         ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
         frag = cute.make_rmem_tensor((self.vec, tl.iters), self.dtype)
+        lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
         if row < mOut.shape[0]:
             src = mGather[row]
             gOut = row_vectors(mOut, row, self.vec)
             if src >= 0:
                 gX = row_vectors(mX, src, self.vec)
-                for c in cutlass.range(tl.chunks, unroll=1):
+                for c in cutlass.range(lo, hi, unroll=1):
                     base = c * (tl.tpr * tl.iters) + lane
                     load_chunk(ld, gX, frag, base, tl)
                     store_chunk(st, frag, gOut, base, tl)
             else:  # an empty row (capacity tail / padding)
                 frag.fill(0)
-                for c in cutlass.range(tl.chunks, unroll=1):
+                for c in cutlass.range(lo, hi, unroll=1):
                     store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
 
 
@@ -129,7 +134,7 @@ class PackScatter:
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mScatter: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor,
-                 stream: cuda.CUstream):
+                 splits: Int32, stream: cuda.CUstream):
         assert mX.element_type == self.dtype and mOut.element_type == self.dtype
         tl = self.tiling
         work = mX.shape[0] * self.S if const_expr(self.per_slot) else mX.shape[0]  # row groups' items
@@ -138,7 +143,7 @@ class PackScatter:
         if const_expr(self.zero_empty):
             grid = token_ctas + cute.ceil_div(mOut.shape[0], tl.rows_per_cta)
         self.kernel(mX, mScatter, mGather, mOut, token_ctas).launch(
-            grid=[grid, 1, 1], block=[tl.threads, 1, 1], stream=stream)
+            grid=[grid, splits, 1], block=[tl.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mScatter: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor,
@@ -150,6 +155,7 @@ class PackScatter:
         lane = tidx % tl.tpr
         ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
         frag = cute.make_rmem_tensor((self.vec, tl.iters), self.dtype)
+        lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
         if bidx < token_ctas:
             if const_expr(self.per_slot):
                 pair = bidx * tl.rows_per_cta + group  # (token, slot) = divmod(pair, S)
@@ -157,7 +163,7 @@ class PackScatter:
                     tok = pair // self.S
                     dst = mScatter[tok, pair - tok * self.S]
                     gX = row_vectors(mX, tok, self.vec)
-                    for c in cutlass.range(tl.chunks, unroll=1):
+                    for c in cutlass.range(lo, hi, unroll=1):
                         base = c * (tl.tpr * tl.iters) + lane
                         load_chunk(ld, gX, frag, base, tl)  # issued without waiting for dst
                         if dst >= 0:
@@ -170,7 +176,7 @@ class PackScatter:
                     for j in cutlass.range_constexpr(self.S):
                         dst[j] = mScatter[tok, j]
                     gX = row_vectors(mX, tok, self.vec)
-                    for c in cutlass.range(tl.chunks, unroll=1):
+                    for c in cutlass.range(lo, hi, unroll=1):
                         base = c * (tl.tpr * tl.iters) + lane
                         load_chunk(ld, gX, frag, base, tl)
                         for j in cutlass.range_constexpr(self.S):
@@ -183,7 +189,7 @@ class PackScatter:
                     if mGather[row] == -1:  # padding; -2 (past the last aligned block) is nobody's
                         frag.fill(0)
                         gOut = row_vectors(mOut, row, self.vec)
-                        for c in cutlass.range(tl.chunks, unroll=1):
+                        for c in cutlass.range(lo, hi, unroll=1):
                             store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
 
 
@@ -201,7 +207,7 @@ def compile_gather(dtype, H: int, **tune):
     def build():
         T, R = cute.sym_int(), cute.sym_int()
         return cute.compile(PackGather(dtype, H, **tune), fake_rows(dtype, T, H), fake_vector(Int32, R),
-                            fake_rows(dtype, R, H), fake_stream(), options=COMPILE_OPTIONS)
+                            fake_rows(dtype, R, H), Int32(1), fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(key, build)
 
@@ -213,7 +219,7 @@ def compile_scatter(dtype, H: int, S: int, zero_empty: bool, **tune):
     def build():
         T, R = cute.sym_int(), cute.sym_int()
         return cute.compile(PackScatter(dtype, H, S, zero_empty=zero_empty, **tune), fake_rows(dtype, T, H),
-                            fake_table(Int32, T, S), fake_vector(Int32, R), fake_rows(dtype, R, H),
+                            fake_table(Int32, T, S), fake_vector(Int32, R), fake_rows(dtype, R, H), Int32(1),
                             fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(key, build)
@@ -227,9 +233,22 @@ def scatter_tuning(dtype, H: int, per_slot: bool | None = None) -> dict:
     return {"per_slot": per_slot}
 
 
+_tilings: dict = {}
+
+
+def pack_tiling(dtype, H: int, threads: int = 256, max_iters: int = MAX_ITERS, tpr: int = 0, **_) -> RowTiling:
+    """The row tiling of both pack kernels for these tuning keywords (for the host's grid)."""
+    key = (dtype, H, threads, max_iters, tpr)
+    t = _tilings.get(key)
+    if t is None:
+        t = _tilings[key] = RowTiling.make(H // vec_elems(dtype), max_iters, threads, tpr, min_iters=MIN_ITERS)
+    return t
+
+
 def pack(x: torch.Tensor, gather_idx: torch.Tensor, scatter_idx: torch.Tensor, out: torch.Tensor,
-         mode: str = "scatter", zero_empty: bool = True, **tune) -> torch.Tensor:
-    """Launch the pack on ``x``'s current stream; writes ``out [R, H]`` and returns it.
+         mode: str = "scatter", zero_empty: bool = True, split_ctas: int = SPLIT_CTAS, **tune) -> torch.Tensor:
+    """Launch the pack on ``x``'s current stream; writes ``out [R, H]`` and returns it. A grid of
+    fewer than ``split_ctas`` CTAs is split along the rows (``common.col_splits``; 0: never).
 
     The caller has checked dtype, H and S (see ``moebench.impls.cute_impl``)."""
     T, H = x.shape
@@ -242,11 +261,16 @@ def pack(x: torch.Tensor, gather_idx: torch.Tensor, scatter_idx: torch.Tensor, o
     x = as_rows(x)
     dst = out if rows_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     gather_idx = as_table(gather_idx, torch.int32)
+    tiling = pack_tiling(dtype, H, **tune)
     if mode == "gather":
-        compile_gather(dtype, H, **tune)(x, gather_idx, dst)
+        splits = col_splits(tiling, tiling.grid(R), split_ctas)
+        compile_gather(dtype, H, **tune)(x, gather_idx, dst, splits)
     elif mode == "scatter":
         scatter_idx = as_table(scatter_idx, torch.int32)
-        compile_scatter(dtype, H, scatter_idx.shape[1], zero_empty, **tune)(x, scatter_idx, gather_idx, dst)
+        S = scatter_idx.shape[1]
+        ctas = tiling.grid(T * S if tune.get("per_slot") else T) + (tiling.grid(R) if zero_empty else 0)
+        splits = col_splits(tiling, ctas, split_ctas)
+        compile_scatter(dtype, H, S, zero_empty, **tune)(x, scatter_idx, gather_idx, dst, splits)
     else:
         raise ValueError(f"pack mode={mode!r}; accepted: {', '.join(MODES)}")
     if dst is not out:

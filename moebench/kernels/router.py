@@ -36,7 +36,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES
-from moebench.kernels.metadata import hist_cols, store_hist_row
+from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 
 #: most experts per lane (register budget) and per token (1024 = 32 lanes x 32)
 MAX_PER_LANE = 32
@@ -218,20 +218,28 @@ class TopKRouter:
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
                mHist: cute.Tensor, tile: Int32):
-        L = self.lanes
-        E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
+        smem = cutlass.memory.SmemAllocator()
+        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(self.E)), byte_alignment=16)
+        clear_hist(sHist, tidx, self.threads)
+        cute.arch.sync_threads()
+        self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, sHist)
+        cute.arch.sync_threads()
+        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
+
+    @cute.jit
+    def route_tile(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
+                   tile: Int32, bidx: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor = None):
+        """Route tile ``bidx`` (tokens ``bidx * tile ..``): write its ids and weights, count its
+        assignments in ``sHist`` (cleared and synced by the caller, who syncs after) and, with
+        ``sIds``, keep its ids there too (``sIds[(t - bidx * tile) * k + j]``)."""
+        L = self.lanes
+        E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
         T = mLogits.shape[0]
         groups = self.threads // G
         g = tidx % G
         base = g * V  # this lane's first expert
-
-        smem = cutlass.memory.SmemAllocator()
-        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(E)), byte_alignment=16)
-        for e in cutlass.range(tidx, hist_cols(E), self.threads, unroll=1):
-            sHist[e] = 0
-        cute.arch.sync_threads()
 
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
         raw = cute.make_rmem_tensor((W, V // W), self.dtype)
@@ -395,9 +403,8 @@ class TopKRouter:
                     mIds[t, j] = ids[j]
                     mWeights[t, j] = wts[j]
                     cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
-
-        cute.arch.sync_threads()
-        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
+                    if const_expr(sIds is not None):
+                        sIds[(t - t0) * k + j] = ids[j]
 
 
 # --------------------------------------------------------------------------------------
@@ -407,7 +414,7 @@ class TopKRouter:
 import torch  # noqa: E402
 
 from moebench.kernels.common import COMPILE_OPTIONS, TORCH_TO_CUTE, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
-from moebench.kernels.metadata import fake_hist, new_hist, tile_size  # noqa: E402
+from moebench.kernels.histogram import fake_hist, new_hist, tile_size  # noqa: E402
 
 _cache = CompileCache()
 

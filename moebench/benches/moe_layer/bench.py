@@ -94,7 +94,8 @@ from moebench.benches.moe_layer.quack_config import (QUACK_CONFIG_ACCEPTED, gemm
 from moebench.benches.moe_layer.reference import (DIRECTION_FLOPS, FP32_REFERENCE_TOLERANCE, expert_flops,
                                                   make_weights, make_x, moe_layer_reference)
 from moebench.benches.moe_layer.training import DENSE_CHECK_ROWS, LayerTraining
-from moebench.benches.stages import COMBINE, METADATA, PACK, ROUTE, Inputs, instantiate_impls, stage_case
+from moebench.benches.stages import (COMBINE, METADATA, PACK, ROUTE, Inputs, instantiate_impls, route_then_metadata,
+                                     stage_case)
 from moebench.check import Mismatch, assert_close, poison
 from moebench.errors import ConfigError, Unsupported
 from moebench.job import JobSpec
@@ -371,8 +372,8 @@ class MoeLayerBench(LayerTraining, Bench):
 
             def layer():
                 logits = self.gate(ref.prior, out=b.logits)
-                ids, wts = ims["route"].route(logits, k, job.router, ref.bias)
-                meta = ims["metadata"].metadata(ids, wts, E, job.capacity, self.inputs.num_rows)
+                meta = route_then_metadata(ims["route"], ims["metadata"], logits, k, job.router, ref.bias, E,
+                                           job.capacity, self.inputs.num_rows)[2]
                 rows = self.x if eg.fuses_pack else ims["pack"].pack(self.x, meta, out=b.packed)
                 y = expert_ffn(eg, rows, meta, w, b)
                 return ims["combine"].combine(y, meta, out=b.out, weighted=job.weighted)

@@ -1,0 +1,161 @@
+"""The decode path's kernels compile for sm_90a on a machine without a GPU: the one-launch
+route + metadata for every router configuration ``impl=cute`` maps to and every metadata
+variant (capacity, padding, renormalisation, alignment), the one-launch metadata of given ids,
+and the pack / combine kernels whose grid is split along the rows; the pure-Python pieces
+(column splits, decode tiles, shared memory, the impl's options) hold their invariants."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+cutlass = pytest.importorskip("cutlass")
+
+from moebench import routing as R  # noqa: E402
+from moebench.errors import ConfigError  # noqa: E402
+from moebench.impls.cute_impl import CuteConfig, CuteImpl, router_static  # noqa: E402
+from moebench.kernels import combine as kc  # noqa: E402
+from moebench.kernels import decode as kd  # noqa: E402
+from moebench.kernels import pack as kp  # noqa: E402
+from moebench.kernels.common import RowTiling, col_splits  # noqa: E402
+
+BF16, FP16, FP32 = cutlass.BFloat16, cutlass.Float16, cutlass.Float32
+
+#: (router, E, k, bias), as tests/test_kernels_compile_router.py
+ROUTER_CASES = [
+    (R.RouterSpec(), 256, 8, False),
+    (R.RouterSpec(renormalize=True), 128, 2, False),
+    (R.RouterSpec("top1"), 8, 1, False),
+    (R.RouterSpec("topk_softmax", temperature=0.5), 60, 4, False),
+    (R.RouterSpec("topk_softmax", normalize="sum"), 384, 8, False),
+    (R.RouterSpec("topk_hard"), 1024, 16, False),
+    (R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5), 384, 8, True),
+    (R.RouterSpec("group_limited", n_group=8, topk_group=4, bias_std=0.1, scaling=2.5), 256, 8, True),
+    (R.RouterSpec("group_limited", n_group=8, topk_group=3, score="softmax", group_score="max"), 160, 6, False),
+]
+#: (capacity, padded, drop_renorm, align): the metadata variants
+META_CASES = [(False, False, False, 1), (True, False, True, 1), (True, True, False, 1), (False, False, False, 128),
+              (True, False, False, 16), (True, True, False, 64)]
+
+
+def _sm90a(fn) -> bool:
+    return os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" or "-arch sm_90a" in str(fn.ir_module)
+
+
+def _router(router, E, k, bias, **tune):
+    static = router_static(router, k, E, bias)
+    k = 1 if router.name == "top1" else k
+    return k, dict(static, has_bias=bias, max_per_lane=32, prefetch=True, **tune)
+
+
+@pytest.mark.parametrize("router,E,k,bias", ROUTER_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_fused_route_metadata_compiles(router, E, k, bias):
+    k, static = _router(router, E, k, bias)
+    fn = kd.compile_route_metadata(BF16, E, k, False, False, False, 1, kd.DECODE_THREADS, **static)
+    assert fn is not None and _sm90a(fn)
+
+
+@pytest.mark.parametrize("capacity,padded,renorm,align", META_CASES)
+def test_fused_route_metadata_variants_compile(capacity, padded, renorm, align):
+    k, static = _router(R.RouterSpec(), 256, 8, False)
+    assert kd.compile_route_metadata(BF16, 256, k, capacity, padded, renorm, align, 256, **static) is not None
+
+
+@pytest.mark.parametrize("dtype,threads,max_per_lane,prefetch", [(FP16, 128, 16, False), (FP32, 512, 8, True),
+                                                                 (BF16, 1024, 16, True)])
+def test_fused_route_metadata_tunings_compile(dtype, threads, max_per_lane, prefetch):
+    static = dict(router_static(R.RouterSpec(), 8, 256, False), has_bias=False, max_per_lane=max_per_lane,
+                  prefetch=prefetch)
+    assert kd.compile_route_metadata(dtype, 256, 8, False, False, False, 1, threads, **static) is not None
+
+
+@pytest.mark.parametrize("E,S", [(256, 8), (128, 8), (8, 2), (1024, 16), (60, 4), (16, 1)])
+@pytest.mark.parametrize("capacity,padded,renorm,align", META_CASES[:4])
+def test_fused_metadata_compiles(E, S, capacity, padded, renorm, align):
+    fn = kd.compile_metadata(E, S, capacity, padded, renorm, align, kd.DECODE_THREADS)
+    assert fn is not None and _sm90a(fn)
+
+
+@pytest.mark.parametrize("threads", [128, 512, 1024])
+def test_fused_metadata_threads_compile(threads):
+    assert kd.compile_metadata(256, 8, True, False, True, 1, threads) is not None
+
+
+def test_split_kernels_target_sm90a():
+    """The pack and combine kernels take the grid's height (column splits) at run time."""
+    for fn in (kp.compile_gather(BF16, 7168, threads=256, hint="none"),
+               kp.compile_scatter(BF16, 7168, 8, True, per_slot=True, threads=256, hint="none", max_iters=1),
+               kc.compile_combine(BF16, 7168, 8, True, threads=256, hint="none")):
+        assert _sm90a(fn)
+
+
+# -- pure-Python pieces --------------------------------------------------------------------
+
+
+def _shares(chunks: int, splits: int) -> list[range]:
+    """The chunk ranges of common.chunk_range, CTA by CTA of a grid ``splits`` high."""
+    per = -(-chunks // splits)
+    return [range(y * per, min(y * per + per, chunks)) for y in range(splits)]
+
+
+@pytest.mark.parametrize("nvec,max_iters", [(896, 1), (896, 8), (256, 2), (33, 1), (2049, 1), (1, 1), (4096, 2)])
+@pytest.mark.parametrize("ctas", [1, 4, 7, 64, 448, 1023, 1024, 5000])
+@pytest.mark.parametrize("target", [0, 64, 1024])
+def test_column_splits_cover_each_row_once(nvec, max_iters, ctas, target):
+    t = RowTiling.make(nvec, max_iters, threads=256)
+    s = col_splits(t, ctas, target)
+    assert 1 <= s <= t.chunks
+    shares = _shares(t.chunks, s)
+    assert [c for r in shares for c in r] == list(range(t.chunks))  # every chunk once, in order
+    assert all(len(r) for r in shares)  # no CTA without a chunk
+    if target == 0 or ctas >= target or t.chunks == 1:
+        assert s == 1
+    else:  # a grid under the target is split, never into more shares than the row has chunks
+        assert s >= 2
+        assert s == t.chunks or ctas * s * len(shares[0]) >= min(target, ctas * t.chunks) // 2
+
+
+def test_decode_splits_at_the_benchmark_shapes():
+    """deepseek_v3 (H 7168, k 8, bf16): combine's rows are 7 chunks, so T 1 runs on 7 CTAs, not 1;
+    T 16384 keeps a grid 1 high (no change at large T)."""
+    t = kc.combine_tiling(BF16, 7168, 8, threads=256, hint="none")
+    assert (t.tpr, t.iters, t.chunks) == (128, 1, 7)
+    assert col_splits(t, t.grid(1)) == 7 and col_splits(t, t.grid(128)) == 7
+    assert col_splits(t, t.grid(16384)) == 1
+    p = kp.pack_tiling(BF16, 7168, threads=256, hint="none")
+    assert p.chunks == 1 and col_splits(p, 4) == 1  # the default pack tiling: one chunk of 7 vectors
+    p1 = kp.pack_tiling(BF16, 7168, threads=256, hint="none", max_iters=1)
+    assert p1.chunks == 7 and col_splits(p1, 4) == 7
+
+
+@pytest.mark.parametrize("E,dtype,threads,tile", [(256, BF16, 256, 32), (128, BF16, 256, 64), (8, BF16, 256, 256),
+                                                  (1024, BF16, 256, 8), (256, FP32, 512, 64), (256, BF16, 128, 16)])
+def test_decode_tile_is_one_step_of_the_lane_groups(E, dtype, threads, tile):
+    static = dict(router_static(R.RouterSpec(), 2, E, False), has_bias=False, max_per_lane=32, prefetch=True)
+    assert kd.route_tile(dtype, E, 2, threads, **static) == tile
+
+
+@pytest.mark.parametrize("E,S,capacity,threads", [(256, 8, False, 256), (1024, 16, True, 256), (1024, 16, True, 512),
+                                                  (256, 8, True, 1024)])
+def test_decode_kernels_fit_shared_memory(E, S, capacity, threads):
+    op = kd.FusedRouteMetadata(BF16, E, S, capacity=capacity, threads=threads, score="logit", weight="prob")
+    assert kd.fits(op)
+    assert kd.fits(kd.FusedMetadata(E, S, capacity=capacity, threads=threads))
+
+
+def test_decode_kernel_too_large_for_shared_memory_is_refused():
+    # E 1024, S 16 at 1024 threads: the bit words alone are 2 x 128 KB
+    assert not kd.fits(kd.FusedMetadata(1024, 16, capacity=True, threads=1024))
+
+
+def test_impl_decode_options():
+    im = CuteImpl(decode_tokens=0, decode_threads=512, split_ctas=0)
+    assert (im.decode_tokens, im.decode_threads, im.split_ctas) == (0, 512, 0)
+    c = CuteConfig()
+    assert (c.decode_tokens, c.decode_threads, c.split_ctas) == (1024, 256, 1024)
+    for kw, msg in [({"decode_tokens": -1}, "decode_tokens"), ({"decode_tokens": 10**6}, "decode_tokens"),
+                    ({"decode_threads": 96}, "decode_threads"), ({"split_ctas": True}, "split_ctas"),
+                    ({"split_ctas": 1.5}, "split_ctas")]:
+        with pytest.raises(ConfigError, match=msg):
+            CuteImpl(**kw)
