@@ -48,3 +48,40 @@ def test_the_impl_maps_routers_to_the_kernels_static_keys():
 @pytest.mark.parametrize("H,S,zero_empty", [(4096, 2, False), (7168, 8, True), (128, 1, True), (2048, 16, False)])
 def test_fp8_pack_compiles(dtype, mode, H, S, zero_empty):
     assert _sm90a(kf.compile_pack_fp8(dtype, H, S, mode, zero_empty))
+
+
+@pytest.mark.parametrize("tune", [dict(vec=16), dict(scales="row"), dict(vec=16, scales="row", tokens=2),
+                                  dict(tpr=16, tokens=3, scales="row"), dict(vec=16, tpr=256, threads=512),
+                                  dict(min_ctas=6, hint="stream", max_iters=8), dict(vec=16, max_iters=1, tokens=4)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("H,S,zero_empty", [(7168, 8, True), (2048, 8, False), (384, 16, True), (128, 1, True)])
+def test_fp8_pack_tunings_compile(tune, H, S, zero_empty):
+    assert _sm90a(kf.compile_pack_fp8(DTYPES[0].values[0], H, S, "ue8m0" if S == 8 else "block128", zero_empty,
+                                      **tune))
+
+
+@pytest.mark.parametrize("H,tune,tiling", [
+    (2048, {}, (128, 2, 1)), (7168, {}, (128, 4, 2)), (4096, {}, (128, 4, 1)),  # the measured defaults
+    (2048, dict(vec=16), (128, 1, 1)), (7168, dict(vec=16), (128, 4, 1)), (2048, dict(tpr=256), (256, 1, 1)),
+    (384, dict(tpr=256), (32, 2, 1)), (128, dict(vec=16, tpr=16), (8, 1, 1)), (7168, dict(max_iters=8), (128, 7, 1)),
+])
+def test_fp8_pack_tiling(H, tune, tiling):
+    """A block's units on adjacent lanes (tpr from a block's lanes up to the row); the defaults are
+    the kernel measured before the tiling became options (notes/kernels.md)."""
+    t = kf.PackScatterFP8(DTYPES[0].values[0], H, 8, **tune).tiling
+    assert (t.tpr, t.iters, t.chunks) == tiling
+
+
+def test_the_impl_passes_its_fp8_options_to_the_kernel():
+    from moebench.errors import ConfigError
+    from moebench.impls.cute_impl import CuteImpl
+
+    im = CuteImpl(fp8_vec=16, fp8_scales="row", fp8_tokens=2, fp8_tpr=64, fp8_min_ctas=4, threads=512, max_iters=2)
+    assert im.fp8_tune == {"threads": 512, "hint": "none", "vec": 16, "scales": "row", "tokens": 2, "tpr": 64,
+                           "min_ctas": 4, "max_iters": 2}
+    assert CuteImpl().fp8_tune == {"threads": 256, "hint": "none", "vec": 8, "scales": "lanes", "tokens": 1, "tpr": 0,
+                                   "min_ctas": 0}
+    kf.PackScatterFP8(DTYPES[0].values[0], 2048, 8, **im.fp8_tune)  # every key is the kernel's
+    for bad in (dict(fp8_vec=4), dict(fp8_scales="smem"), dict(fp8_tokens=5), dict(fp8_tpr=48), dict(fp8_min_ctas=-1)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            CuteImpl(**bad)

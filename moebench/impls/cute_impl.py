@@ -21,6 +21,9 @@ What runs
   ``auto``: per slot for rows of 8 KB or more. ``pack_mode=gather`` copies each packed
   row from its token (``x`` read once per slot: slower, 55-70 % of copy against ~87 %).
   ``auto`` takes scatter whenever it applies (S <= 16 slots), gather otherwise.
+* ``pack_fp8`` (``bench.quant``): the scatter pack quantizing each 128-channel block to FP8
+  e4m3 with its fp32 / power-of-two scale on the way (``kernels/pack_fp8.py``, bit-exact);
+  its tiling is static, from ``threads``, ``max_iters``, ``cache_hint`` and the ``fp8_*`` options.
 * ``combine``: one row group per token sums its kept slots' rows in fp32 (no atomics).
 * pack and combine grids of fewer than ``split_ctas`` CTAs split each row's chunks over more
   CTAs (the grid's height, a runtime value: the same kernels), so a few tokens use many SMs.
@@ -61,6 +64,12 @@ ROUTER_MAX_PER_LANE = (8, 16, 32)
 #: below which rows are split over more CTAs
 DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 1024, 256, 1024
 MAX_DECODE_TOKENS = 4096
+#: the FP8 pack's tiling (kernels/pack_fp8.py): channels a thread quantizes and stores at once,
+#: how the scales are stored, tokens per row group, threads per row group (0: up to 128)
+FP8_VECS = (8, 16)
+FP8_SCALE_STORES = ("lanes", "row")
+FP8_TOKENS = (1, 2, 3, 4)
+FP8_TPRS = (0, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass
@@ -73,6 +82,15 @@ class CuteConfig(ImplConfig):
     cache_hint: str = "none"
     #: rows one row group of pack / combine walks (0: each kernel's default)
     max_iters: int = 0
+    #: the FP8 pack (``bench.quant``; with ``threads``, ``max_iters``, ``cache_hint``): channels
+    #: per thread store (8 | 16), scales stored by each block's lane or once per row from shared
+    #: memory (lanes | row), tokens per row group, threads per row group (0: the row's vectors
+    #: up to 128), CTAs per SM the registers are capped for (0: no cap)
+    fp8_vec: int = 8
+    fp8_scales: str = "lanes"
+    fp8_tokens: int = 1
+    fp8_tpr: int = 0
+    fp8_min_ctas: int = 0
     #: the route kernel: threads per CTA, most experts a lane holds, prefetch of the next row
     router_threads: int = 512
     router_max_per_lane: int = 32
@@ -94,6 +112,13 @@ class CuteConfig(ImplConfig):
         if isinstance(self.max_iters, bool) or not 0 <= self.max_iters <= 64:
             raise ConfigError(f"impl.max_iters={self.max_iters!r} is not accepted; an integer in 0..64 (0: the "
                               "kernel's default)")
+        accepted("impl.fp8_vec", self.fp8_vec, FP8_VECS)
+        accepted("impl.fp8_scales", self.fp8_scales, FP8_SCALE_STORES)
+        accepted("impl.fp8_tokens", self.fp8_tokens, FP8_TOKENS)
+        accepted("impl.fp8_tpr", self.fp8_tpr, FP8_TPRS)
+        if isinstance(self.fp8_min_ctas, bool) or not 0 <= self.fp8_min_ctas <= 32:
+            raise ConfigError(f"impl.fp8_min_ctas={self.fp8_min_ctas!r} is not accepted; an integer in 0..32 (0: no "
+                              "register cap)")
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
@@ -107,6 +132,13 @@ class CuteConfig(ImplConfig):
         """The pack / combine kernels' tuning keywords."""
         return {"threads": self.threads, "hint": self.cache_hint, **({"max_iters": self.max_iters}
                                                                     if self.max_iters else {})}
+
+    @property
+    def fp8_tune(self) -> dict:
+        """The FP8 pack kernel's tuning keywords (its own default for what is left out)."""
+        return {"threads": self.threads, "hint": self.cache_hint, "vec": self.fp8_vec, "scales": self.fp8_scales,
+                "tokens": self.fp8_tokens, "tpr": self.fp8_tpr, "min_ctas": self.fp8_min_ctas,
+                **({"max_iters": self.max_iters} if self.max_iters else {})}
 
     @property
     def router_tune(self) -> dict:
@@ -151,6 +183,7 @@ class CuteImpl(Impl):
         self.pack_mode = config.pack_mode
         self.scatter_per_slot = None if config.scatter_per_slot == "auto" else config.scatter_per_slot
         self.tune = config.tune
+        self.fp8_tune = config.fp8_tune
         self.router_tune = config.router_tune
         self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
         self.split_ctas = config.split_ctas
@@ -351,7 +384,7 @@ class CuteImpl(Impl):
             self._check_out(out[1], (R, H // 128), torch.float32, x.device, "pack fp8 scales")
         kq = _kernels().pack_fp8
         return kq.pack_fp8(x, meta.gather_idx, meta.scatter_idx, out[0], out[1], mode=quant.removeprefix("fp8_"),
-                           zero_empty=meta.may_have_empty_rows)
+                           zero_empty=meta.may_have_empty_rows, **self.fp8_tune)
 
     # -- backward (training) ---------------------------------------------------------------
     def route_backward(self, logits, ids, weights, d_weights, router, bias=None):

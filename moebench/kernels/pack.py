@@ -14,8 +14,9 @@ Two formulations, both pure data movement with 128-bit accesses:
             ``S`` stores) or one per (token, slot) pair (a copy's one load, one store;
             the pairs of a token share a CTA, so memory still reads ``x[t]`` once). Moves
             exactly the strict bytes (``T * H`` read, ``R * H`` written). It cannot see
-            empty rows, so when the metadata may have some (``zero_empty``) the same
-            launch gets extra CTAs that read ``gather_idx`` and zero the rows that hold -1.
+            empty rows, so when the metadata may have some (``zero_empty``) each CTA
+            also zeroes the rows that hold -1 in its slice of the packed rows
+            (``common.ZERO_ROWS_PER_GROUP``: one launch, no CTA that only reads indices).
 
 Both are compiled once per static configuration (dtype, H, S, tiling, cache hints); the
 token and row counts are runtime values. Measured on an H200 (notes/kernels.md): scatter
@@ -41,17 +42,21 @@ from moebench.kernels.common import (
     as_table,
     chunk_range,
     col_splits,
+    empty_rows,
     fake_rows,
     fake_stream,
     fake_table,
     fake_vector,
     load_atom,
     load_chunk,
+    probe_empty_row,
     row_vectors,
     rows_ok,
     store_atom,
     store_chunk,
     vec_elems,
+    zero_grid,
+    zero_rows_per_group,
 )
 
 MODES = ("gather", "scatter")
@@ -112,8 +117,9 @@ class PackGather:
 
 class PackScatter:
     """``out[scatter_idx[t, j]] = x[t]`` for kept slots, in token order so ``x`` is read from
-    memory once. With ``zero_empty`` the CTAs over the tokens are followed by CTAs over the
-    packed rows, one row group per row, that zero the rows whose ``gather_idx`` is -1.
+    memory once. With ``zero_empty`` every CTA also zeroes the rows whose ``gather_idx`` is -1
+    in its slice of the packed rows (``common.zero_grid``: the grid is the token CTAs, more
+    only when R is large against T).
 
     ``per_slot=False``: one row group per token loads ``x[t]`` once and stores it ``S``
     times. ``per_slot=True``: one row group per (token, slot) pair, one load and one store
@@ -139,15 +145,15 @@ class PackScatter:
         tl = self.tiling
         work = mX.shape[0] * self.S if const_expr(self.per_slot) else mX.shape[0]  # row groups' items
         token_ctas = cute.ceil_div(work, tl.rows_per_cta)
-        grid = token_ctas
+        grid, zslice = token_ctas, Int32(0)
         if const_expr(self.zero_empty):
-            grid = token_ctas + cute.ceil_div(mOut.shape[0], tl.rows_per_cta)
-        self.kernel(mX, mScatter, mGather, mOut, token_ctas).launch(
+            grid, zslice = zero_grid(token_ctas, mOut.shape[0], tl.rows_per_cta, tl.tpr)
+        self.kernel(mX, mScatter, mGather, mOut, token_ctas, zslice).launch(
             grid=[grid, splits, 1], block=[tl.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mScatter: cute.Tensor, mGather: cute.Tensor, mOut: cute.Tensor,
-               token_ctas: Int32):
+               token_ctas: Int32, zslice: Int32):
         tl = self.tiling
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
@@ -156,6 +162,9 @@ class PackScatter:
         ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
         frag = cute.make_rmem_tensor((self.vec, tl.iters), self.dtype)
         lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
+        probe = Int32(0)
+        if const_expr(self.zero_empty):  # one of this row group's rows of the CTA's slice
+            probe = probe_empty_row(mGather, bidx, zslice, group, lane, tl.rows_per_cta, tl.tpr)
         if bidx < token_ctas:
             if const_expr(self.per_slot):
                 pair = bidx * tl.rows_per_cta + group  # (token, slot) = divmod(pair, S)
@@ -182,15 +191,14 @@ class PackScatter:
                         for j in cutlass.range_constexpr(self.S):
                             if dst[j] >= 0:
                                 store_chunk(st, frag, row_vectors(mOut, dst[j], self.vec), base, tl)
-        else:
-            if const_expr(self.zero_empty):  # the empty rows: capacity tail / padding
-                row = (bidx - token_ctas) * tl.rows_per_cta + group
-                if row < mOut.shape[0]:
-                    if mGather[row] == -1:  # padding; -2 (past the last aligned block) is nobody's
-                        frag.fill(0)
-                        gOut = row_vectors(mOut, row, self.vec)
-                        for c in cutlass.range(lo, hi, unroll=1):
-                            store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
+        if const_expr(self.zero_empty):  # the group's empty rows of the slice: capacity tail / padding
+            empty = empty_rows(probe, mOut.shape[0], bidx, zslice, group, lane, tl.rows_per_cta, tl.tpr)
+            frag.fill(0)
+            for m in cutlass.range_constexpr(zero_rows_per_group(tl.tpr)):
+                if ((empty >> m) & 1) != 0:
+                    gOut = row_vectors(mOut, bidx * zslice + group + m * tl.rows_per_cta, self.vec)
+                    for c in cutlass.range(lo, hi, unroll=1):
+                        store_chunk(st, frag, gOut, c * (tl.tpr * tl.iters) + lane, tl)
 
 
 # --------------------------------------------------------------------------------------
