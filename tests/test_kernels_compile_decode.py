@@ -153,7 +153,7 @@ def test_impl_decode_options():
     im = CuteImpl(decode_tokens=0, decode_threads=512, split_ctas=0)
     assert (im.decode_tokens, im.decode_threads, im.split_ctas) == (0, 512, 0)
     c = CuteConfig()
-    assert (c.decode_tokens, c.decode_threads, c.split_ctas) == (1024, 256, 1024)
+    assert (c.decode_tokens, c.decode_threads, c.split_ctas) == (32, 256, 1024)
     for kw, msg in [({"decode_tokens": -1}, "decode_tokens"), ({"decode_tokens": 10**6}, "decode_tokens"),
                     ({"decode_threads": 96}, "decode_threads"), ({"split_ctas": True}, "split_ctas"),
                     ({"split_ctas": 1.5}, "split_ctas")]:

@@ -61,8 +61,10 @@ THREADS = (128, 256, 512, 1024)
 ROUTER_MAX_PER_LANE = (8, 16, 32)
 #: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
 #: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
-#: below which rows are split over more CTAs
-DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 1024, 256, 1024
+#: below which rows are split over more CTAs. One launch up to one CTA's tokens (32 at E 256):
+#: on an H200 (deepseek_v3_decode, rotated) the multi-CTA one-launch path lost to two launches
+#: from T 128 (logits -> metadata 7.55 vs 7.31 us at T 128, 12.03 vs 8.32 at T 512)
+DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
 MAX_DECODE_TOKENS = 4096
 #: the FP8 pack's tiling (kernels/pack_fp8.py): channels a thread quantizes and stores at once,
 #: how the scales are stored, tokens per row group, threads per row group (0: up to 128)
@@ -86,8 +88,8 @@ class CuteConfig(ImplConfig):
     #: per thread store (8 | 16), scales stored by each block's lane or once per row from shared
     #: memory (lanes | row), tokens per row group, threads per row group (0: the row's vectors
     #: up to 128), CTAs per SM the registers are capped for (0: no cap)
-    fp8_vec: int = 8
-    fp8_scales: str = "lanes"
+    fp8_vec: int = 16
+    fp8_scales: str = "row"
     fp8_tokens: int = 1
     fp8_tpr: int = 0
     fp8_min_ctas: int = 0

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.gpu
 
 DROPLESS = R.CapacitySpec()
 TOKENS = [1, 2, 16, 31, 32, 33, 64, 65, 127, 128, 512, 1024]
+#: the one-launch path up to its limit (the default, DECODE_TOKENS, stops at one CTA's tokens)
+ONE_LAUNCH = dict(decode_tokens=1024)
 CAPS = {
     "dropless": DROPLESS,
     "cf1": R.CapacitySpec(1.0),
@@ -94,7 +96,7 @@ ROUTERS = {
 @pytest.mark.parametrize("name", list(ROUTERS))
 def test_route_metadata_one_launch_matches_reference(name, logits, one_launch):
     router, E, k = ROUTERS[name]
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     bias = router.expert_bias(E, "cuda", seed=3)
     for T in TOKENS:
         _check_route_metadata(im, _logits(logits, T, E, seed=T + E), k, router, DROPLESS, bias, f"T={T}")
@@ -105,7 +107,7 @@ def test_route_metadata_one_launch_matches_reference(name, logits, one_launch):
 def test_route_metadata_one_launch_capacities(cap, E, k, one_launch):
     if E == 8 and cap in ("min_capacity", "padded_align16", "align16"):
         pytest.skip("covered at E 256")
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     for T in [1, 2, 16, 33, 128, 257, 512, 1024]:
         for kind in ("zipf", "hot"):
             _check_route_metadata(im, _logits(kind, T, E, seed=T), k, R.RouterSpec(), CAPS[cap], what=f"T={T} {kind}")
@@ -113,14 +115,14 @@ def test_route_metadata_one_launch_capacities(cap, E, k, one_launch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_route_metadata_one_launch_other_dtypes(dtype, one_launch):
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     for T in [1, 33, 512]:
         _check_route_metadata(im, _logits("zipf", T, 256, dtype, seed=T), 8, R.RouterSpec(), DROPLESS, what=f"T={T}")
 
 
 @pytest.mark.parametrize("threads,max_per_lane", [(128, 32), (512, 16), (1024, 8)])
 def test_route_metadata_one_launch_tunings(threads, max_per_lane, one_launch):
-    im = CuteImpl(decode_threads=threads, router_max_per_lane=max_per_lane)
+    im = CuteImpl(decode_threads=threads, router_max_per_lane=max_per_lane, **ONE_LAUNCH)
     for T in [1, 16, 33, 100, 512, 1024]:
         for cap in ("dropless", "cf1.25_renorm"):
             _check_route_metadata(im, _logits("zipf", T, 256, seed=T), 8, R.RouterSpec(), CAPS[cap],
@@ -138,7 +140,7 @@ def test_route_metadata_above_the_decode_limit_takes_two_launches():
                                       (1024, 16, ["dropless", "cf0.5_padded"]), (60, 4, ["align16"])])
 def test_ids_metadata_one_launch(E, k, caps, one_launch):
     """ids from another route (no histogram with them): counted and indexed by one CTA."""
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     for T in TOKENS:
         ids, w = R.route(_logits("zipf", T, E, seed=T + 1), k, R.RouterSpec())
         for cap in caps:
@@ -152,7 +154,7 @@ def test_ids_metadata_one_launch_empty_slots(one_launch):
     for T in [1, 7, 300]:
         ids, w = R.route(_logits("zipf", T, 16, seed=T), 2, router)
         rows = router.num_rows(T, 2, 16)
-        check_metadata(CuteImpl().metadata(ids, w, 16, DROPLESS, rows), R.build_metadata(ids, w, 16, DROPLESS, rows))
+        check_metadata(CuteImpl(**ONE_LAUNCH).metadata(ids, w, 16, DROPLESS, rows), R.build_metadata(ids, w, 16, DROPLESS, rows))
 
 
 def test_tickets_reset_between_launches_and_streams(one_launch):
@@ -160,7 +162,7 @@ def test_tickets_reset_between_launches_and_streams(one_launch):
     ticket counter back at 0 after."""
     from moebench.kernels import decode as kd
 
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     side = torch.cuda.Stream()
     for i, T in enumerate([512, 100, 1024, 33, 1, 512, 512, 65, 1024, 257] * 2):
         stream = side if i % 3 == 2 else torch.cuda.current_stream()
@@ -175,10 +177,11 @@ def test_tickets_reset_between_launches_and_streams(one_launch):
 def test_one_launch_kernel_count_and_graph_replays(T, monkeypatch):
     monkeypatch.undo()  # no poisoning fills: count the kernels of the call alone
     E, k = 256, 8
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     lg = _logits("uniform", T, E)
     im.route_metadata(lg, k, R.RouterSpec(), None, E, DROPLESS)  # compile, zero the ticket pool
     ids, w = R.route(lg, k, R.RouterSpec())
+    ids, w = ids.int().contiguous(), w.float().contiguous()  # as a route stage hands them over: no conversion
     im.metadata(ids, w, E, DROPLESS)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -217,7 +220,7 @@ def test_capture_before_any_eager_call_falls_back_to_two_launches(monkeypatch):
     monkeypatch.setattr(kd, "_pools", {})
     monkeypatch.setattr(kd, "_stream_tickets", {})
     E, k, T = 256, 8, 512
-    im = CuteImpl()
+    im = CuteImpl(**ONE_LAUNCH)
     lg = _logits("zipf", T, E, seed=4)
     im.route(lg, k, R.RouterSpec())  # compile the two-launch kernels outside the capture
     ids0, w0 = im.route(lg, k, R.RouterSpec())
