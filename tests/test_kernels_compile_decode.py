@@ -19,21 +19,10 @@ from moebench.kernels import combine as kc  # noqa: E402
 from moebench.kernels import decode as kd  # noqa: E402
 from moebench.kernels import pack as kp  # noqa: E402
 from moebench.kernels.common import RowTiling, col_splits  # noqa: E402
+from test_kernels_compile_router import ROUTER_CASES  # noqa: E402  (router, E, k, bias): the same cases
 
 BF16, FP16, FP32 = cutlass.BFloat16, cutlass.Float16, cutlass.Float32
 
-#: (router, E, k, bias), as tests/test_kernels_compile_router.py
-ROUTER_CASES = [
-    (R.RouterSpec(), 256, 8, False),
-    (R.RouterSpec(renormalize=True), 128, 2, False),
-    (R.RouterSpec("top1"), 8, 1, False),
-    (R.RouterSpec("topk_softmax", temperature=0.5), 60, 4, False),
-    (R.RouterSpec("topk_softmax", normalize="sum"), 384, 8, False),
-    (R.RouterSpec("topk_hard"), 1024, 16, False),
-    (R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5), 384, 8, True),
-    (R.RouterSpec("group_limited", n_group=8, topk_group=4, bias_std=0.1, scaling=2.5), 256, 8, True),
-    (R.RouterSpec("group_limited", n_group=8, topk_group=3, score="softmax", group_score="max"), 160, 6, False),
-]
 #: (capacity, padded, drop_renorm, align): the metadata variants
 META_CASES = [(False, False, False, 1), (True, False, True, 1), (True, True, False, 1), (False, False, False, 128),
               (True, False, False, 16), (True, True, False, 64)]

@@ -52,7 +52,7 @@ from moebench.kernels.common import (
     store_chunk,
     vec_elems,
 )
-from moebench.kernels.router import LaneLayout, fake_logits
+from moebench.kernels.router import LaneLayout, fake_logits, lane_group_reduce
 
 #: most slots per token the kernels unroll over
 MAX_SLOTS = 16
@@ -187,9 +187,7 @@ class RouteBackward:
 
     @cute.jit
     def group_reduce(self, op: cutlass.Constexpr, x):
-        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-        return x
+        return lane_group_reduce(op, x, self.lanes.G)
 
     @cute.jit
     def load_token(self, mLogits: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mDW: cute.Tensor, t: Int32,

@@ -160,11 +160,9 @@ import torch  # noqa: E402
 
 from moebench.kernels.common import COMPILE_OPTIONS, TORCH_TO_CUTE, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
 from moebench.kernels.histogram import MAX_TILE, fake_hist, fake_hist_words  # noqa: E402
-from moebench.kernels.router import fake_logits  # noqa: E402
+from moebench.kernels.metadata import new_outputs  # noqa: E402
+from moebench.kernels.router import fake_logits, selection_bias  # noqa: E402
 
-#: at most this many tokens take the one-launch paths by default (impl.decode_tokens): above it
-#: the last CTA's share (all T * k assignments) outgrows the multi-CTA metadata kernel
-DECODE_TOKENS = 1024
 #: threads per CTA of the decode kernels by default (impl.decode_threads)
 DECODE_THREADS = 256
 #: shared memory a decode kernel may use (Hopper: 227 KB per CTA); above it, two launches
@@ -266,16 +264,6 @@ def fits(op) -> bool:
     return op.smem_bytes <= MAX_SMEM
 
 
-def _outputs(T: int, S: int, E: int, num_rows: int, capacity, weights: torch.Tensor | None, dev):
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    routed = torch.empty(E, dtype=torch.int32, device=dev)
-    gather = torch.empty(num_rows, dtype=torch.int32, device=dev)
-    scatter = torch.empty(T, S, dtype=torch.int32, device=dev)
-    kept_w = weights if capacity is None else torch.empty(T, S, dtype=torch.float32, device=dev)
-    return counts, offsets, routed, gather, scatter, kept_w
-
-
 def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: int, num_rows: int,
                    capacity: int | None = None, padded: bool = False, drop_renorm: bool = False, align: int = 1,
                    threads: int = DECODE_THREADS, **router):
@@ -301,15 +289,9 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     hist = torch.empty(tiles, hist_cols(E), dtype=torch.int16, device=dev)
-    outs = _outputs(T, k, E, num_rows, capacity, weights, dev)
+    outs = new_outputs(T, k, E, num_rows, capacity, weights, dev)
     counts = outs[0]
-    if bias is None:
-        from moebench.kernels.router import _zero_bias
-        bias = _zero_bias.get((dev, E))
-        if bias is None:
-            bias = _zero_bias[(dev, E)] = torch.zeros(E, dtype=torch.float32, device=dev)
-    else:
-        bias = bias.to(torch.float32).contiguous()
+    bias = selection_bias(bias, E, dev)
     # one CTA never touches the counter: any int32 element stands in for it
     fn(logits, bias, ids, weights, hist, hist.view(torch.int32), *outs, ctr if ctr is not None else counts[:1],
        capacity if capacity is not None else 0)
@@ -326,7 +308,7 @@ def metadata(ids: torch.Tensor, weights: torch.Tensor, E: int, num_rows: int, ca
     if not fits(plan(FusedMetadata, E, S, capacity=capacity is not None, padded=padded,
                      renormalize_after_drop=renormalize, align=align, threads=threads)):
         return None
-    outs = _outputs(T, S, E, num_rows, capacity, weights, ids.device)
+    outs = new_outputs(T, S, E, num_rows, capacity, weights, ids.device)
     fn = compile_metadata(E, S, capacity is not None, padded, renormalize, align, threads)
     fn(ids, weights, *outs, capacity if capacity is not None else 0)
     return outs

@@ -533,6 +533,18 @@ def compile_indices(E: int, S: int, capacity: bool, padded: bool, renormalize: b
     return _cache.get(("indices", E, S, capacity, padded, renormalize, align, sorted_gather, overlap, parts), build)
 
 
+def new_outputs(T: int, S: int, E: int, num_rows: int, capacity: int | None, weights: torch.Tensor | None, dev):
+    """The metadata kernels' outputs: counts, offsets, routed counts, gather and scatter indices,
+    kept weights (dropless: ``weights`` themselves, every valid slot is kept)."""
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    routed = torch.empty(E, dtype=torch.int32, device=dev)
+    gather = torch.empty(num_rows, dtype=torch.int32, device=dev)
+    scatter = torch.empty(T, S, dtype=torch.int32, device=dev)
+    kept_w = weights if capacity is None else torch.empty(T, S, dtype=torch.float32, device=dev)
+    return counts, offsets, routed, gather, scatter, kept_w
+
+
 def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: int, E: int, num_rows: int,
             capacity: int | None = None, padded: bool = False, renormalize: bool = False, align: int = 1):
     """Counts, offsets, routed counts, gather and scatter indices, kept weights (one launch).
@@ -541,13 +553,7 @@ def indices(ids: torch.Tensor, weights: torch.Tensor, hist: torch.Tensor, tile: 
     the router kernel or :func:`histogram` with the same ``tile``. Dropless, the weights are returned
     as they are (every valid slot is kept)."""
     T, S = ids.shape
-    dev = ids.device
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    routed = torch.empty(E, dtype=torch.int32, device=dev)
-    gather = torch.empty(num_rows, dtype=torch.int32, device=dev)
-    scatter = torch.empty(T, S, dtype=torch.int32, device=dev)
-    kept_w = weights if capacity is None else torch.empty(T, S, dtype=torch.float32, device=dev)
+    counts, offsets, routed, gather, scatter, kept_w = new_outputs(T, S, E, num_rows, capacity, weights, ids.device)
     fn = compile_indices(E, S, capacity is not None, padded, renormalize and capacity is not None, align)
     fn(ids, weights, hist.view(torch.int32), counts, offsets, routed, gather, scatter, kept_w, tile,
        capacity if capacity is not None else 0)

@@ -104,6 +104,15 @@ class LaneLayout:
         return cls(E, G, V, W)
 
 
+@cute.jit
+def lane_group_reduce(op: cutlass.Constexpr, x, G: cutlass.Constexpr[int]):
+    """``op`` over a lane group of ``G`` consecutive lanes (a power of two, up to a warp): xor
+    shuffles stay inside the group, and every lane gets the result."""
+    for i in cutlass.range_constexpr(int(math.log2(G))):
+        x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+    return x
+
+
 class TopKRouter:
     """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16.
 
@@ -145,9 +154,7 @@ class TopKRouter:
     @cute.jit
     def group_reduce(self, op: cutlass.Constexpr, x):
         """``op`` over the G lanes of a token (xor shuffles stay inside the group)."""
-        for i in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-        return x
+        return lane_group_reduce(op, x, self.lanes.G)
 
     @cute.jit
     def group_min_index(self, i: Int32, w: Float32):
@@ -440,6 +447,17 @@ def compile_router(dtype, E: int, k: int, **static):
 _zero_bias: dict = {}
 
 
+def selection_bias(bias: torch.Tensor | None, E: int, dev) -> torch.Tensor:
+    """The kernels' bias argument: ``bias`` as contiguous fp32, or (no bias) one zero vector per
+    device and E, kept for the next call."""
+    if bias is not None:
+        return bias.to(torch.float32).contiguous()
+    zero = _zero_bias.get((dev, E))
+    if zero is None:
+        zero = _zero_bias[(dev, E)] = torch.zeros(E, dtype=torch.float32, device=dev)
+    return zero
+
+
 def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
     """ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16 and the tile size.
 
@@ -462,12 +480,7 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     if T == 0:
         return ids, weights, hist.zero_(), tile
     has_bias = bias is not None
-    if bias is None:
-        bias = _zero_bias.get((dev, E))
-        if bias is None:
-            bias = _zero_bias[(dev, E)] = torch.zeros(E, dtype=torch.float32, device=dev)
-    else:
-        bias = bias.to(torch.float32).contiguous()
+    bias = selection_bias(bias, E, dev)
     fn = compile_router(TORCH_TO_CUTE[logits.dtype], E, k, **dict(static, has_bias=has_bias))
     fn(logits, bias, ids, weights, hist, tile)
     return ids, weights, hist, tile
