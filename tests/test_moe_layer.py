@@ -536,3 +536,93 @@ def test_quack_gather_has_no_backward(tmp_path, ref_quack):
     for st in ("gemm1", "gemm2", "experts", "total"):
         assert df.loc[st, "status"] == "unsupported" and "gather-A" in df.loc[st, "message"], st
     assert "fused into gemm1" in df.loc["pack", "message"]
+
+
+# -- an implementation's own whole layer (Impl.fused_layer: impl=sonic's) -------------------------
+
+
+class FusedTorch(TorchImpl):
+    """A whole layer of its own in torch (differentiable): the total row runs it, as impl=sonic's
+    runs SonicMoE's; ``SCALE`` scales its output, ``GRAD_SCALE`` W2's gradient (not its value)."""
+
+    name = "fusedtorch"
+    fused_layer = True
+    layer_label = "fusedtorch:layer"
+    SCALE, GRAD_SCALE = 1.0, 1.0
+
+    def layer(self, x, router_w, w1, w2, k, router, training=False):
+        with torch.enable_grad() if training else torch.no_grad():
+            logits = x @ router_w.t()
+            ids, _ = self.route(logits.detach(), k, router)  # its own top-k, as the check routes
+            wts = routing.reference_weights(logits, ids, router)
+            w2 = w2 + (w2 - w2.detach()) * (self.GRAD_SCALE - 1)
+            out = torch.zeros(x.shape, dtype=torch.float32)
+            I = w2.shape[2]
+            for e in range(router_w.shape[0]):
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                h = x[tok] @ w1[e].t()
+                y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ w2[e].t()
+                out = out.index_add(0, tok, y.float() * wts[tok, slot, None])
+            return (out * self.SCALE).to(x.dtype), logits
+
+
+FUSED = ["impl._target_=test_moe_layer.FusedTorch", "impl.name=fusedtorch"]
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd", "fwdbwd"])
+def test_a_fused_layer_is_the_total_row_checked_on_its_own_routing(tmp_path, direction):
+    df = run(tmp_path, *FUSED, f"bench.direction={direction}", "bench.fp32_reference=true")
+    assert df.loc["total", "status"] == "ok", df.loc["total", "message"]
+    assert df.loc["total", "stage_impl"] == "fusedtorch:layer" and df.loc["total", "time_us_median"] > 0
+    assert df.loc["total", "pct_of_dense"] > 0
+    for st in ("gate", "route", "pack", "combine", "gemm1", "experts", "dense_gemm"):
+        assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])  # the other rows are the stages'
+
+
+@pytest.mark.parametrize("direction,attr,needle", [("fwd", "SCALE", "layer output"),
+                                                   ("fwdbwd", "GRAD_SCALE", "d_W2 vs torch autograd"),
+                                                   ("bwd", "GRAD_SCALE", "d_W2 vs torch autograd")])
+def test_a_wrong_fused_layer_is_a_mismatch_row(tmp_path, monkeypatch, direction, attr, needle):
+    monkeypatch.setattr(FusedTorch, attr, 1.1)
+    df = run(tmp_path, *FUSED, f"bench.direction={direction}")
+    assert df.loc["total", "status"] == "mismatch" and needle in df.loc["total", "message"], df.loc["total", "message"]
+    assert pd_isnull(df.loc["total", "time_us_median"])
+
+
+@pytest.mark.parametrize("extra,needle", [(["capacity=cf"], "dropless"), (["logits=zipf"], "prior"),
+                                          (["bench.weighted=false"], "weights its combine")])
+def test_what_a_fused_layer_cannot_run_is_unsupported(tmp_path, extra, needle):
+    df = run(tmp_path, *FUSED, *extra)
+    assert df.loc["total", "status"] == "unsupported" and needle in df.loc["total", "message"]
+    assert "fusedtorch" in df.loc["total", "message"]
+
+
+def test_sonic_layer_rows_on_cpu_and_what_its_layer_takes(tmp_path):
+    from moebench.impls import sonic_impl
+    from moebench.routing import RouterSpec
+
+    df = run(tmp_path, "impl=sonic")
+    assert df.loc["total", "status"] == "unsupported" and "cuda only" in df.loc["total", "message"]
+    assert df.loc["total", "stage_impl"] == sonic_impl.LAYER_LABEL
+    assert df.loc["dense_gemm", "status"] == "ok"  # the reference its rows are a ratio to
+    problem = sonic_impl.layer_problem
+    assert problem(torch.bfloat16, RouterSpec(), 128, 8) is None
+    assert "16-bit" in problem(torch.float32, RouterSpec(), 128, 8)
+    assert "router=sigmoid_bias" in problem(torch.bfloat16, RouterSpec("sigmoid_bias"), 128, 8)
+    assert "k <= 16" in problem(torch.bfloat16, RouterSpec(), 128, 32)
+    assert "multiple of 8" in problem(torch.bfloat16, RouterSpec(), 12, 2)
+
+
+def test_sonic_layer_runs_only_on_the_cutlass_it_pins(monkeypatch):
+    from importlib import metadata
+
+    from moebench.impls.sonic_impl import stack_problem
+
+    versions = {"sonic-moe": "0.1.2.post1", "nvidia-cutlass-dsl": "4.8.1", "quack-kernels": "0.6.5"}
+    monkeypatch.setattr(metadata, "requires", lambda dist: ["nvidia-cutlass-dsl==4.4.2", "quack-kernels>=0.3.11",
+                                                            'nvidia-cutlass-dsl[cu13]>=4.4.2; extra == "cu13"'])
+    monkeypatch.setattr(metadata, "version", lambda dist: versions[dist])
+    msg = stack_problem()
+    assert "pins nvidia-cutlass-dsl==4.4.2" in msg and "nvidia-cutlass-dsl 4.8.1" in msg and "0.6.5" in msg
+    versions["nvidia-cutlass-dsl"] = "4.4.2"
+    assert stack_problem() is None

@@ -50,6 +50,10 @@ class Impl:
     exact_ties = True
     #: devices the implementation runs on
     devices = ("cpu", "cuda")
+    #: does it run a whole MoE layer of its own (:meth:`layer`), the ``total`` row of ``bench=moe_layer``?
+    fused_layer = False
+    #: the ``stage_impl`` of that row
+    layer_label = ""
 
     def __init__(self, name: str | None = None, **options):
         if name is not None:
@@ -107,6 +111,13 @@ class Impl:
         fp32) for ``quant`` in ``routing.QUANTS`` (not ``none``); rows past the last aligned
         block (``gather_idx == BEYOND``) need not be written."""
         raise self.missing(f"pack (quant={quant})")
+
+    def layer(self, x: torch.Tensor, router_w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, k: int,
+              router: RouterSpec, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The implementation's own whole MoE layer (``fused_layer``): x [T, H], the router's
+        weight [E, H], the experts' W1 [E, 2I, H] (gate rows, then up rows) and W2 [E, H, I]
+        -> (out [T, H], the logits [T, E] it routed on); differentiable when ``training``."""
+        raise self.missing("fused layer")
 
     # -- backward (training) -------------------------------------------------------------
     def route_backward(self, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

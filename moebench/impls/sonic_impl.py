@@ -11,7 +11,12 @@ Triton; CUDA only), called the way its own MoE layer calls them (``sonicmoe.func
 * ``combine``: ``token_gather_and_sum_varlen_K_triton``, the gather-and-weighted-sum its layer
   ends with (fp32 accumulation), dropless;
 * no ``select`` (its top-k kernels fuse the softmax) and no ``pack``: its layer gathers the
-  tokens inside the up-projection GEMM (gather-A).
+  tokens inside the up-projection GEMM (gather-A);
+* ``layer`` (the ``total`` row of ``bench=moe_layer``): its whole layer,
+  ``moe_TC_softmax_topk_layer`` -- the router GEMM, the top-k and metadata above, gemm1 with the
+  token gather and SwiGLU in its epilogue (quack's ``gemm_gated``), gemm2 and its weighted
+  combine; backward through its autograd functions. Its GEMMs run as quack's interface runs
+  them by default, autotuned on their first call (``tuned=True``).
 
 A router, option, capacity or shape SonicMoE does not handle is ``Unsupported`` with the reason;
 so is a machine where ``sonicmoe`` does not import (it pins nvidia-cutlass-dsl 4.4.2; its router
@@ -20,6 +25,7 @@ and metadata kernels also run on the main stack's CuTeDSL).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -47,6 +53,9 @@ def _import(what: str):
         if what == "metadata":
             from sonicmoe.functional.triton_kernels import TC_topk_router_metadata_triton
             return TC_topk_router_metadata_triton
+        if what == "layer":
+            from sonicmoe.functional import moe_TC_softmax_topk_layer
+            return moe_TC_softmax_topk_layer
         from sonicmoe.functional.reduction_over_k_gather import token_gather_and_sum_varlen_K_triton
         return token_gather_and_sum_varlen_K_triton
     except ModuleNotFoundError as e:
@@ -75,10 +84,64 @@ def route_mode(router: RouterSpec) -> tuple[bool, bool]:
 WEIGHT_RTOL = 2e-4
 
 
+#: what ``SonicImpl.layer`` runs (the ``stage_impl`` of its ``total`` row)
+LAYER_LABEL = "sonic:moe_TC_softmax_topk_layer(concat_layout)"
+
+
+def layer_problem(dtype: torch.dtype, router: RouterSpec, experts: int, k: int) -> str | None:
+    """Why SonicMoE's layer cannot run this layer (None: it can)."""
+    try:
+        route_mode(router)
+    except Unsupported as e:
+        return str(e)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"SonicMoE's layer runs quack's 16-bit GEMMs (bfloat16/float16), not {dtype}"
+    if experts % 8 or experts > MAX_EXPERTS or k > min(16, experts):
+        return (f"SonicMoE's layer runs its own top-k kernel for experts <= {MAX_EXPERTS}, a multiple of 8, and "
+                f"k <= 16 (experts={experts}, topk={k}; beyond, it falls back to torch.topk)")
+    return None
+
+
+def stack_problem() -> str | None:
+    """Why this Python stack cannot run SonicMoE's layer (None: it can): sonic-moe pins one
+    nvidia-cutlass-dsl; its GEMMs (quack's) fail on another (quack 0.6.5 on CuTeDSL 4.8.1 rejects
+    its gather-A GEMM: "varlen_m: A is (total_m, k), k-major"). Its routing kernels run on either."""
+    from importlib import metadata
+
+    try:
+        reqs = metadata.requires("sonic-moe") or []
+    except metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+    pins = [r.split(";")[0].replace(" ", "") for r in reqs if r.replace(" ", "").startswith("nvidia-cutlass-dsl==")]
+    try:
+        have = metadata.version("nvidia-cutlass-dsl")
+    except metadata.PackageNotFoundError:
+        have = None
+    for pin in pins:
+        want = pin.split("==", 1)[1]
+        if have != want:
+            quack = _version_of("quack-kernels")
+            return (f"sonic-moe {metadata.version('sonic-moe')} pins {pin}; this stack has nvidia-cutlass-dsl {have} "
+                    f"and quack-kernels {quack}: its layer runs in a stack of its own (../shared/gpu/bundle.sh with "
+                    f"MOEBENCH_GPU_PINS, MOEBENCH_GPU_DIR=.gpu-sonic)")
+    return None
+
+
+def _version_of(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 class SonicImpl(Impl):
     name = "sonic"
     devices = ("cuda",)
     exact_ties = False  # not promised by SonicMoE: the check pairs each weight with its expert
+    fused_layer = True
+    layer_label = LAYER_LABEL
 
     def route_tolerance(self, dtype, logits, router, k) -> dict:
         """kwargs for ``check_route``: the approximate-exp weights (``WEIGHT_RTOL``); and, for fp32
@@ -154,3 +217,21 @@ class SonicImpl(Impl):
         w = meta.weights.reshape(-1).float().contiguous() if weighted else None
         gather_sum(y, w, out, meta.scatter_idx.reshape(-1).contiguous(), None, T, S, H, False)
         return out
+
+    def layer(self, x, router_w, w1, w2, k, router, training=False):
+        """``sonicmoe.functional.moe_TC_softmax_topk_layer`` as ``sonicmoe.MoE.forward`` calls it
+        (W1 and W2 as the permuted views of ``Experts.weight`` it passes), with
+        ``concat_layout=True`` (W1's rows gate then up, as here; its default interleaves them)
+        and, unless ``training``, its inference mode (no pre-activation kept) under no_grad."""
+        self.check_device(x.device)
+        problem = layer_problem(x.dtype, router, router_w.shape[0], k) or stack_problem()
+        if problem:
+            raise Unsupported(problem)
+        over_topk, norm = route_mode(router)
+        fn = _import("layer")
+        with contextlib.nullcontext() if training else torch.no_grad():
+            out, logits, _ = fn(x, router_w, w1.permute(1, 2, 0), None, w2.permute(1, 2, 0), None,
+                                1 if router.name == "top1" else k, torch.cuda.current_stream(x.device).cuda_stream,
+                                "swiglu", is_inference_mode_enabled=not training, is_softmax_over_topk=over_topk,
+                                norm_topk_probs=norm, concat_layout=True)
+        return out, logits

@@ -33,6 +33,17 @@ def test_torch_metadata_and_combine_on_gpu(cap):
     assert_close(TI.combine(y, meta), R.combine(y, meta), "combine", torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_torch_dropless_combine_keeps_fp32_weights(dtype):
+    """The dropless combine (one embedding_bag, hi + lo 16-bit weights) where bf16 weights fail:
+    sigmoid_bias with its scaling, products that cancel."""
+    spec = R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5)
+    ids, w = R.route(torch.randn(4099, 128, device=DEV), 8, spec, spec.expert_bias(128, DEV, 1))
+    meta = R.build_metadata(ids, w, 128, CapacitySpec())
+    y = (torch.randn(meta.num_rows, 1024, device=DEV) * 3).to(dtype)
+    assert_close(TI.combine(y, meta), R.combine(y.float(), meta), "combine", dtype)
+
+
 @pytest.mark.parametrize("mode", ["events", "graph", "rotated"])
 def test_every_impl_of_the_topk_bench(tmp_path, mode):
     for impl in ("torch", "cute", "quack", "reference"):
@@ -71,3 +82,21 @@ def test_sonic_routing_kernels(tmp_path):
     assert df.loc["total", "stage_impl"] == "route=sonic,metadata=sonic,pack=torch,combine=sonic"
     sel = _run(tmp_path / "sel", "bench=topk", "impl=sonic", "tokens=64", "experts=128", "topk=8").set_index("stage")
     assert sel.loc["select", "status"] == "unsupported" and "no select stage" in sel.loc["select", "message"]
+
+
+def test_sonic_layer_row_in_this_stack(tmp_path):
+    """In a stack with the CuTeDSL sonic-moe pins, its layer is the total row (checked like every
+    row); elsewhere the row is unsupported and names the pin. (In its own stack quack autotunes
+    every GEMM of the layer on first use -- minutes -- so that path is exercised by the
+    benchmark's rows, not here.)"""
+    pytest.importorskip("sonicmoe", reason="sonic-moe is not in this GPU stack (MOEBENCH_GPU_EXTRA)")
+    from moebench.impls.sonic_impl import stack_problem
+
+    problem = stack_problem()
+    if problem is None:
+        pytest.skip("this stack runs SonicMoE's layer: its rows come from the benchmark (quack autotunes minutes)")
+    df = _run(tmp_path, "bench=moe_layer", "impl=sonic", "tokens=512", "hidden=256", "intermediate=128",
+              "experts=32", "topk=4").set_index("stage")
+    assert df.loc["total", "status"] == "unsupported" and "pins nvidia-cutlass-dsl==" in df.loc["total", "message"]
+    for st in ("route", "metadata", "combine", "dense_gemm"):
+        assert df.loc[st, "status"] == "ok", (st, df.loc[st, "message"])

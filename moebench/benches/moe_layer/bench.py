@@ -12,7 +12,9 @@ The chain (one row per stage, then the chain timed end to end)::
     gemm2       y = a @ W2[e]^T  per expert           [rows_e, I] -> [rows_e, H]    bench.gemm
     combine     out[t] = sum_j w[t, j] * y[row(t, j)] the job's impl_combine
     experts     gemm1 -> activation -> gemm2 on the packed rows (the expert FFN alone)
-    total       the whole layer, gate to combine, timed as one call
+    total       the whole layer, gate to combine, timed as one call; for an implementation with
+                a whole layer of its own (``Impl.fused_layer``: impl=sonic, SonicMoE's
+                ``moe_TC_softmax_topk_layer``) that layer, checked on its own logits and routing
     dense_gemm  the same job's ceiling: dense x @ W1[0]^T then a @ W2[0]^T with M = the rows the
                 expert GEMMs compute (T*k dropless), same H and I -- torch.mm (cuBLAS)
 
@@ -363,6 +365,8 @@ class MoeLayerBench(LayerTraining, Bench):
                         lambda got: self._compare_rows(got, ref.y, "expert FFN output", after_act=True),
                         self._reset(*b.all(), rows_of=(R, job.hidden)))
         if stage == "total":
+            if self.impls[job.impl].fused_layer:
+                return self._fused_total(self.impls[job.impl])
             self._gemm_check()
             chain = ("route", "metadata", "combine") + (() if eg.fuses_pack else ("pack",))
             ims = {s: self.impls[job.stage_impls[s]] for s in chain}
@@ -398,6 +402,70 @@ class MoeLayerBench(LayerTraining, Bench):
             return Call(dense, check, self._reset(h, y))
         raise ValueError(stage)
 
+    def _fused_total(self, lay) -> Call:
+        """The ``total`` row of an implementation with a whole layer of its own
+        (``Impl.fused_layer``: SonicMoE's), gate to combine, in the job's direction: its forward
+        (no autograd state: inference), its backward from the seeded d_out through its autograd
+        (bwd: on one untimed forward's graph), or both. Its weights are ours, in the layouts it
+        takes: the router's weight [E, H] (one copy per job, untimed), W1 and W2 as they are.
+        Checked on its own routing: its logits against fp32, then the torch layer (and the fp32
+        reference) on the ids its top-k gives on those logits."""
+        job, ref, w, b = self.job, self.ref, self.w, self.bufs
+        if not job.capacity.dropless or job.capacity.align > 1:
+            raise Unsupported(f"impl={lay.name}'s layer is dropless with tight expert blocks (capacity=dropless, "
+                              "capacity.align=1)")
+        if not job.weighted:
+            raise Unsupported(f"impl={lay.name}'s layer always weights its combine (bench.weighted=false)")
+        if ref.prior is not None or ref.bias is not None:
+            raise Unsupported(f"impl={lay.name}'s layer routes on x @ Wg alone (logits={job.logits['kind']} adds a "
+                              "prior inside the gate GEMM; a router bias is not taken)")
+        k, train = job.topk, self.direction != "fwd"
+        router_w = w.wg.t().contiguous()
+        leaves = [t.detach().requires_grad_(train) for t in (self.x, router_w, w.w1, w.w2)]
+        d_out = self._upstream("d_out") if train else None
+
+        def forward():  # -> (out, logits)
+            return lay.layer(*leaves, k, job.router, training=train)
+
+        def backward(ctx):
+            d_x, d_rw, d_w1, d_w2 = torch.autograd.grad(ctx[0], leaves, d_out, retain_graph=self.direction == "bwd")
+            return d_x, d_rw.t(), d_w1, d_w2
+
+        routed = {}
+
+        def check_fwd(got):
+            out, logits = (t.detach() for t in got)
+            assert_close(logits, self.x.float() @ w.wg.float(), f"{lay.name}'s router logits", job.dtype)
+            ids, wts = (t.clone() for t in lay.route(logits, k, job.router))  # its own buffers: copies
+            routed["ids"], routed["meta"] = ids, routing.build_metadata(ids, wts, job.experts, job.capacity,
+                                                                        self.inputs.num_rows)
+            want = torch_layer(self.x, w, routed["meta"], job.weighted)[-1]
+            rtol, atol = FP32_REFERENCE_TOLERANCE[job.dtype]  # its SwiGLU is fused into gemm1's epilogue
+            assert_close(out, want, "layer output vs the torch implementation on its routing", rtol=rtol, atol=atol)
+            if ref.out32 is not None:
+                want32 = moe_layer_reference(self.x, w, routed["ids"], routed["meta"].weights,
+                                             routed["meta"].scatter_idx >= 0, job.weighted)
+                assert_close(out, want32, "layer output vs the fp32 reference on its routing", rtol=rtol, atol=atol)
+
+        def check_bwd(got):
+            for label, (_, *want) in self._layer_refs(routed["ids"], routed["meta"]):
+                for name, gv, wv in zip(("d_x", "d_Wg", "d_W1", "d_W2"), got, want):
+                    self._assert_grad(gv, wv, f"{name} vs {label}")
+
+        reset = self._reset(b.out, b.logits)
+        if not train:
+            return Call(forward, check_fwd, reset)
+        if self.direction == "bwd":
+            ctx = forward()
+            check_fwd(ctx)  # the routing the backward is checked on
+            return Call(lambda: backward(ctx), check_bwd, reset)
+
+        def fwdbwd():
+            ctx = forward()
+            return ctx, backward(ctx)
+
+        return Call(fwdbwd, lambda got: (check_fwd(got[0]), check_bwd(got[1])), reset)
+
     def stage_impl(self, stage: str) -> str:
         j, eg = self.job, self.eg
         if stage == "activation":
@@ -405,6 +473,8 @@ class MoeLayerBench(LayerTraining, Bench):
         if stage in ("gemm1", "gemm2", "experts"):
             return eg.label
         if stage == "total":
+            if self.impls[j.impl].fused_layer:
+                return self.impls[j.impl].layer_label
             pack = "fused" if eg.fuses_pack else j.stage_impls["pack"]
             parts = ["gate=torch"] + [f"{s}={j.stage_impls[s]}" for s in ("route", "metadata")] + [f"pack={pack}"]
             return ",".join(parts + [f"gemm={eg.label}", f"combine={j.stage_impls['combine']}"])

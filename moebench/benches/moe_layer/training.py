@@ -128,6 +128,8 @@ class LayerTraining:
             return self._directed(self._forward_call("gate") if self.direction == "fwdbwd" else None, bwd)
         if stage == "dense_gemm":
             return self._dense_train_call()
+        if stage == "total" and self.impls[job.impl].fused_layer:
+            return self._fused_total(self.impls[job.impl])
         if stage in ("gemm1", "activation", "gemm2", "experts", "total"):
             self._gemm_check()
             eg.check_backward()
