@@ -148,3 +148,14 @@ def test_impl_decode_options():
                     ({"split_ctas": 1.5}, "split_ctas")]:
         with pytest.raises(ConfigError, match=msg):
             CuteImpl(**kw)
+
+
+def test_the_impl_defaults_are_the_kernels():
+    """cute_impl imports the kernels lazily, so it holds its own copy of their defaults: they must agree."""
+    from moebench.impls import cute_impl
+    from moebench.kernels import common
+
+    assert cute_impl.SPLIT_CTAS == common.SPLIT_CTAS
+    assert cute_impl.DECODE_THREADS == kd.DECODE_THREADS
+    c = CuteConfig()
+    assert (c.split_ctas, c.decode_threads) == (common.SPLIT_CTAS, kd.DECODE_THREADS)
