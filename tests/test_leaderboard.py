@@ -156,3 +156,21 @@ def test_every_kind_in_the_table_is_one_the_report_knows():
 ])
 def test_implementation_names(stage_impl, name):
     assert impl_name(stage_impl) == name
+
+
+def test_the_layers_total_is_a_chain_shown_against_its_dense_gemm():
+    """bench=moe_layer's total carries its % of the same job's dense GEMM (how rows of calls on
+    a card whose speed moved, or of another Python stack, compare); other chains have no limit."""
+    layer = dict(bench="moe_layer", stage="total", pct_of_copy=NAN, intermediate=768)
+    df = pd.DataFrame([
+        row(**layer, stage_impl="sonic:layer", impl="sonic", time_us_median=2286.0, pct_of_dense=76.8),
+        row(**layer, stage_impl="route=cute,pack=cute,combine=cute", impl="cute", time_us_median=2235.0,
+            pct_of_dense=75.8),
+        row(bench="routing", stage="total", stage_impl="route=cute,pack=cute", pct_of_copy=NAN, time_us_median=9.0),
+    ])
+    lb = leaderboard(df)
+    total = case(lb, stage="moe_layer total")
+    assert total["fastest"] == "cute" and total["limit"] == "dense GEMM" and total["pct_of_limit"] == 75.8
+    assert total["runner_up"] == "sonic:layer"
+    assert case(lb, stage="routing total")["limit"] == "" and math.isnan(case(lb, stage="routing total")["pct_of_limit"])
+    assert "| cute | 2,235 | 76 % dense GEMM | sonic:layer 1.02× |" in leaderboard_markdown(lb)

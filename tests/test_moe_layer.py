@@ -622,7 +622,11 @@ def test_sonic_layer_runs_only_on_the_cutlass_it_pins(monkeypatch):
     monkeypatch.setattr(metadata, "requires", lambda dist: ["nvidia-cutlass-dsl==4.4.2", "quack-kernels>=0.3.11",
                                                             'nvidia-cutlass-dsl[cu13]>=4.4.2; extra == "cu13"'])
     monkeypatch.setattr(metadata, "version", lambda dist: versions[dist])
+    stack_problem.cache_clear()  # read once per process
     msg = stack_problem()
     assert "pins nvidia-cutlass-dsl==4.4.2" in msg and "nvidia-cutlass-dsl 4.8.1" in msg and "0.6.5" in msg
     versions["nvidia-cutlass-dsl"] = "4.4.2"
+    assert stack_problem() == msg  # cached
+    stack_problem.cache_clear()
     assert stack_problem() is None
+    stack_problem.cache_clear()

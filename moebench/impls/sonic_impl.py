@@ -26,6 +26,7 @@ and metadata kernels also run on the main stack's CuTeDSL).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -102,10 +103,13 @@ def layer_problem(dtype: torch.dtype, router: RouterSpec, experts: int, k: int) 
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def stack_problem() -> str | None:
     """Why this Python stack cannot run SonicMoE's layer (None: it can): sonic-moe pins one
     nvidia-cutlass-dsl; its GEMMs (quack's) fail on another (quack 0.6.5 on CuTeDSL 4.8.1 rejects
-    its gather-A GEMM: "varlen_m: A is (total_m, k), k-major"). Its routing kernels run on either."""
+    its gather-A GEMM: "varlen_m: A is (total_m, k), k-major"). Its routing kernels run on either.
+    Read once per process: the package metadata lookups take milliseconds of host time, which
+    must not sit inside a timed call."""
     from importlib import metadata
 
     try:

@@ -41,6 +41,8 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         others = {names[r["impl_label"]]: float(r["time_us_median"]) / t0 if t0 > 0 else math.inf
                   for _, r in g.iloc[1:].iterrows()}
         col, name = LIMITS.get(w["kind"], (None, ""))
+        if w["kind"] == "chain" and pd.notna(w.get("pct_of_dense", math.nan)):
+            col, name = LIMITS["gemm"]  # the MoE layer's total: its % of the same job's dense GEMM
         pct = float(w[col]) if col and col in w.index and pd.notna(w[col]) else math.nan
         runner = next(iter(others), "")
         out.append({"card": w[CARD], "timing": w[TIMING], "direction": w[DIRECTION], "stage": w["stage_label"],
@@ -131,9 +133,9 @@ def _title(card: str, timing: str | None, n: int) -> str:
 
 LEGEND = ("Per card and timing mode, one row per case: the fastest implementation (each implementation by its "
           "fastest ok row of the case), its median time, its % of the limit (a device-to-device copy for "
-          "bandwidth-bound stages, a dense GEMM of the same FLOPs for the layer's GEMMs; none for "
-          "latency-bound stages and chains), and every other implementation's time over the winner's "
-          "(runner-up first).")
+          "bandwidth-bound stages, a dense GEMM of the same FLOPs for the layer's GEMMs and its total, "
+          "measured in the same job; none for latency-bound stages and other chains), and every other "
+          "implementation's time over the winner's (runner-up first).")
 
 
 def leaderboard_markdown(lb: pd.DataFrame, heading: str = "###", per_card: bool = False) -> str:
