@@ -15,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every tensor allocated with ``torch.empty`` (the kernels' host code, say) starts as poison."""
+    from moebench.check import poison
+
+    real_empty = torch.empty
+
+    def empty(*size, **kw):
+        return poison(real_empty(*size, **kw))
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -117,17 +117,12 @@ def stack_problem() -> str | None:
     except metadata.PackageNotFoundError:
         return NOT_INSTALLED
     pins = [r.split(";")[0].replace(" ", "") for r in reqs if r.replace(" ", "").startswith("nvidia-cutlass-dsl==")]
-    try:
-        have = metadata.version("nvidia-cutlass-dsl")
-    except metadata.PackageNotFoundError:
-        have = None
+    have = _version_of("nvidia-cutlass-dsl")
     for pin in pins:
-        want = pin.split("==", 1)[1]
-        if have != want:
-            quack = _version_of("quack-kernels")
-            return (f"sonic-moe {metadata.version('sonic-moe')} pins {pin}; this stack has nvidia-cutlass-dsl {have} "
-                    f"and quack-kernels {quack}: its layer runs in a stack of its own (../shared/gpu/bundle.sh with "
-                    f"MOEBENCH_GPU_PINS, MOEBENCH_GPU_DIR=.gpu-sonic)")
+        if have != pin.split("==", 1)[1]:
+            return (f"sonic-moe {_version_of('sonic-moe')} pins {pin}; this stack has nvidia-cutlass-dsl {have} "
+                    f"and quack-kernels {_version_of('quack-kernels')}: its layer runs in a stack of its own "
+                    "(../shared/gpu/bundle.sh with MOEBENCH_GPU_PINS, MOEBENCH_GPU_DIR=.gpu-sonic)")
     return None
 
 

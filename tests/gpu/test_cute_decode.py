@@ -18,8 +18,9 @@ from moebench import routing as R
 from moebench.check import assert_close, assert_equal, check_metadata, poison
 from moebench.impls.cute_impl import CuteImpl
 from moebench.logits import make_logits
+from test_cute_router import _logits as router_logits  # the router tests' logits (ties rounded in)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_empty")]  # every output starts as poison
 
 DROPLESS = R.CapacitySpec()
 TOKENS = [1, 2, 16, 31, 32, 33, 64, 65, 127, 128, 512, 1024]
@@ -37,17 +38,6 @@ CAPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every tensor the kernels' host code allocates starts as poison."""
-    real_empty = torch.empty
-
-    def empty(*size, **kw):
-        return poison(real_empty(*size, **kw))
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 @pytest.fixture
 def one_launch(monkeypatch):
     """The two-launch route / histogram / metadata kernels fail if they run."""
@@ -62,11 +52,9 @@ def one_launch(monkeypatch):
 
 
 def _logits(kind, T, E, dtype=torch.bfloat16, seed=0):
+    """The router tests' logits; kind "ties": uniform ones rounded so many per row are equal."""
     ties = kind == "ties"
-    lg = make_logits("uniform" if ties else kind, T, E, seed=seed, dtype=torch.float32, device="cuda")
-    if ties:  # many exactly equal logits per row
-        lg = (lg * 2).round() / 2
-    return lg.to(dtype)
+    return router_logits("uniform" if ties else kind, T, E, dtype, seed, ties=ties)
 
 
 def _check_route_metadata(im, lg, k, router, cap, bias=None, what=""):

@@ -12,25 +12,14 @@ import pytest
 import torch
 
 from moebench import routing as R
-from moebench.check import assert_close, check_metadata, poison
+from moebench.check import assert_close, check_metadata
 from moebench.impls.base import Unsupported
 from moebench.impls.cute_impl import CuteImpl
 from moebench.logits import make_logits
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_empty")]  # every output starts as poison
 
 DROPLESS = R.CapacitySpec()
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every tensor the router / metadata kernels allocate starts as poison."""
-    real_empty = torch.empty
-
-    def empty(*size, **kw):
-        return poison(real_empty(*size, **kw))
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _logits(kind, T, E, dtype=torch.bfloat16, seed=0, ties=False):

@@ -91,10 +91,7 @@ class ExpertGemm:
 
     def gemm1_train(self, inp, meta, w, bufs):
         """gemm1 forward for training: (h, or a when ``fuses_act``; the context of its backward)."""
-        p, w1 = _leaf(inp), _leaf(w.w1)
-        with torch.enable_grad():
-            h = self._gemm1_graph(p, meta, w1)
-        return h.detach(), _Graph(h, (p, w1))
+        return _Graph.trace(lambda p, w1: self._gemm1_graph(p, meta, w1), inp, w.w1)
 
     def gemm1_backward(self, ctx, d_h, meta, w, grads):
         """(d_inp [R, H], d_W1 [E, 2I, H]) from d_h [R, 2I] (interleaved when ``fuses_act``)."""
@@ -102,20 +99,14 @@ class ExpertGemm:
 
     def activation_train(self, h, bufs):
         self.activation(h[:0], bufs.a[:0])  # raises Unsupported when fused into gemm1
-        hl = _leaf(h)
-        with torch.enable_grad():
-            a = swiglu(hl)
-        return a.detach(), _Graph(a, (hl,))
+        return _Graph.trace(swiglu, h)
 
     def activation_backward(self, ctx, d_a):
         return ctx.grad(d_a)[0]
 
     def gemm2_train(self, a, meta, w, bufs, preact=None):
         """gemm2 forward for training (``preact``: gemm1's pre-activation, for a fused SwiGLU's backward)."""
-        al, w2 = _leaf(a), _leaf(w.w2)
-        with torch.enable_grad():
-            y = self._gemm2_graph(al, meta, w2)
-        return y.detach(), _Graph(y, (al, w2))
+        return _Graph.trace(lambda al, w2: self._gemm2_graph(al, meta, w2), a, w.w2)
 
     def gemm2_backward(self, ctx, d_y, meta, w, grads):
         """(d_a [R, I] -- d_h [R, 2I] when ``fuses_act``: the SwiGLU's backward in the GEMM --, d_W2 [E, H, I])."""
@@ -156,6 +147,14 @@ class _Graph:
 
     out: torch.Tensor
     leaves: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def trace(cls, fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, "_Graph"]:
+        """``fn`` on new leaves over ``inputs``, its graph recorded: (its output detached, the graph)."""
+        leaves = tuple(_leaf(t) for t in inputs)
+        with torch.enable_grad():
+            out = fn(*leaves)
+        return out.detach(), cls(out, leaves)
 
     def grad(self, d_out):
         return torch.autograd.grad(self.out, self.leaves, d_out, retain_graph=True)
@@ -495,8 +494,7 @@ def torch_layer_grads(x: torch.Tensor, w: LayerWeights, prior: torch.Tensor | No
     ``weights_of(logits)`` of the (fixed) routing ``meta`` zeroed where dropped, ``routing.pack``,
     a ``torch.mm`` per expert, SwiGLU, ``routing.combine`` -- from ``d_out``: (out, d_x, d_Wg,
     d_W1, d_W2). The job-shape reference of the layer's backward."""
-    xl = x.detach().requires_grad_(True)
-    wg, w1, w2 = (t.detach().requires_grad_(True) for t in (w.wg, w.w1, w.w2))
+    xl, wg, w1, w2 = (_leaf(t) for t in (x, w.wg, w.w1, w.w2))
     kept = meta.scatter_idx >= 0
     with torch.enable_grad():
         logits = xl @ wg if prior is None else torch.addmm(prior, xl, wg)
