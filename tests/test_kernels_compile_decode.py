@@ -75,7 +75,9 @@ def test_split_kernels_target_sm90a():
     """The pack and combine kernels take the grid's height (column splits) at run time."""
     for fn in (kp.compile_gather(BF16, 7168, threads=256, hint="none"),
                kp.compile_scatter(BF16, 7168, 8, True, per_slot=True, threads=256, hint="none", max_iters=1),
-               kc.compile_combine(BF16, 7168, 8, True, threads=256, hint="none")):
+               kc.compile_combine(BF16, 7168, 8, True, threads=256, hint="none"),
+               kc.compile_combine(BF16, 7168, 8, True, threads=256, hint="none", max_iters=1, prefetch_rows=585),
+               kc.compile_combine(FP32, 2880, 4, False, threads=128, hint="none", prefetch_rows=728)):
         assert _sm90a(fn)
 
 
@@ -118,6 +120,40 @@ def test_decode_splits_at_the_benchmark_shapes():
     assert p1.chunks == 7 and col_splits(p1, 4) == 7
 
 
+def test_few_ctas_take_one_vector_per_thread():
+    """A grid that does not fill the GPU once moves one vector per thread (more chunks, more
+    column splits); a larger grid, or a max_iters the user gave, is left as it is."""
+    from moebench.kernels.common import FEW_CTAS, few_ctas_tune
+
+    base = {"threads": 256, "hint": "none"}
+    assert few_ctas_tune(base, 4) == {**base, "max_iters": 1}
+    assert few_ctas_tune(base, FEW_CTAS - 1)["max_iters"] == 1
+    assert few_ctas_tune(base, FEW_CTAS) == base
+    assert few_ctas_tune({**base, "max_iters": 4}, 1) == {**base, "max_iters": 4}
+    # the pack takes it where a thread had more than MIN_ITERS vectors: deepseek_v3's 7 and
+    # gpt_oss_120b's 3 become 7 and 3 chunks at T 1; qwen3_30b_a3b's 2 (one chunk) stay
+    assert kp.pack_tiling(BF16, 7168, **kp.pack_tune(BF16, 7168, 4, **base)).chunks == 7
+    assert kp.pack_tiling(BF16, 2880, **kp.pack_tune(BF16, 2880, 1, **base)).chunks == 3
+    assert kp.pack_tune(BF16, 2048, 1, **base) == base
+    assert kp.pack_tune(BF16, 7168, FEW_CTAS, **base) == base
+
+
+@pytest.mark.parametrize("H,S,T,R,prefetch", [(7168, 8, 1, 8, True), (7168, 8, 16, 128, True), (2048, 8, 256, 2048, True),
+                                              (2048, 8, 512, 4096, False),
+                                              (7168, 8, 1024, 8192, False), (7168, 8, 16384, 131072, False),
+                                              (4096, 2, 1, 10**6, False)])
+def test_combine_prefetches_small_packed_rows(H, S, T, R, prefetch):
+    """The L2 prefetch is compiled in where the packed rows total at most PREFETCH_BYTES (decode
+    sizes; a capacity's many rows at few tokens do not qualify), never with prefetch_bytes=0; the
+    tiling it runs with is the one the host sizes the grid with."""
+    tune = kc.combine_tune(BF16, H, S, T, R, threads=256, hint="none")
+    assert ("prefetch_rows" in tune) == prefetch
+    if prefetch:
+        assert tune["prefetch_rows"] == kc.PREFETCH_BYTES // (2 * H) >= R
+    assert "prefetch_rows" not in kc.combine_tune(BF16, H, S, T, R, 0, threads=256, hint="none")
+    assert kc.combine_tiling(BF16, H, S, **tune) == kc.Combine(BF16, H, S, **tune).tiling
+
+
 @pytest.mark.parametrize("E,dtype,threads,tile", [(256, BF16, 256, 32), (128, BF16, 256, 64), (8, BF16, 256, 256),
                                                   (1024, BF16, 256, 8), (256, FP32, 512, 64), (256, BF16, 128, 16)])
 def test_decode_tile_is_one_step_of_the_lane_groups(E, dtype, threads, tile):
@@ -139,13 +175,15 @@ def test_decode_kernel_too_large_for_shared_memory_is_refused():
 
 
 def test_impl_decode_options():
-    im = CuteImpl(decode_tokens=0, decode_threads=512, split_ctas=0)
-    assert (im.decode_tokens, im.decode_threads, im.split_ctas) == (0, 512, 0)
+    im = CuteImpl(decode_tokens=0, decode_threads=512, split_ctas=0, prefetch_mb=0)
+    assert (im.decode_tokens, im.decode_threads, im.split_ctas, im.prefetch_bytes) == (0, 512, 0, 0)
+    assert CuteImpl(prefetch_mb=2).prefetch_bytes == 2 << 20
     c = CuteConfig()
     assert (c.decode_tokens, c.decode_threads, c.split_ctas) == (32, 256, 1024)
     for kw, msg in [({"decode_tokens": -1}, "decode_tokens"), ({"decode_tokens": 10**6}, "decode_tokens"),
                     ({"decode_threads": 96}, "decode_threads"), ({"split_ctas": True}, "split_ctas"),
-                    ({"split_ctas": 1.5}, "split_ctas")]:
+                    ({"split_ctas": 1.5}, "split_ctas"), ({"prefetch_mb": -1}, "prefetch_mb"),
+                    ({"prefetch_mb": True}, "prefetch_mb")]:
         with pytest.raises(ConfigError, match=msg):
             CuteImpl(**kw)
 
@@ -156,6 +194,7 @@ def test_the_impl_defaults_are_the_kernels():
     from moebench.kernels import common
 
     assert cute_impl.SPLIT_CTAS == common.SPLIT_CTAS
+    assert cute_impl.PREFETCH_MB << 20 == kc.PREFETCH_BYTES
     assert cute_impl.DECODE_THREADS == kd.DECODE_THREADS
     c = CuteConfig()
     assert (c.split_ctas, c.decode_threads) == (common.SPLIT_CTAS, kd.DECODE_THREADS)

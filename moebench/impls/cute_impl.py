@@ -26,7 +26,10 @@ What runs
   its tiling is static, from ``threads``, ``max_iters``, ``cache_hint`` and the ``fp8_*`` options.
 * ``combine``: one row group per token sums its kept slots' rows in fp32 (no atomics).
 * pack and combine grids of fewer than ``split_ctas`` CTAs split each row's chunks over more
-  CTAs (the grid's height, a runtime value: the same kernels), so a few tokens use many SMs.
+  CTAs (the grid's height, a runtime value: the same kernels), so a few tokens use many SMs;
+  grids of fewer CTAs than the GPU has SMs move one vector per thread (``kernels/common.py``,
+  ``FEW_CTAS``), and a combine whose packed rows total at most ``prefetch_mb`` MiB prefetches
+  them into the L2 before their indices arrive (one memory round trip, not two, at decode).
 
 Handled: bf16, fp16 and fp32; any number of tokens and rows (T = 0 returns at once);
 H a multiple of 8 elements; up to 16 slots per token for combine and scatter-pack (the
@@ -65,6 +68,8 @@ ROUTER_MAX_PER_LANE = (8, 16, 32)
 #: on an H200 (deepseek_v3_decode, rotated) the multi-CTA one-launch path lost to two launches
 #: from T 128 (logits -> metadata 7.55 vs 7.31 us at T 128, 12.03 vs 8.32 at T 512)
 DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
+#: combine: packed rows of at most this many MiB in all are prefetched into the L2 (kernels/combine.py)
+PREFETCH_MB = 8
 MAX_DECODE_TOKENS = 4096
 #: the FP8 pack's tiling (kernels/pack_fp8.py): channels a thread quantizes and stores at once,
 #: how the scales are stored, tokens per row group, threads per row group (0: up to 128)
@@ -103,6 +108,8 @@ class CuteConfig(ImplConfig):
     decode_threads: int = DECODE_THREADS
     #: pack / combine grids of fewer CTAs than this are split along the rows (0: never)
     split_ctas: int = SPLIT_CTAS
+    #: combine: packed rows of at most this many MiB in all are prefetched into the L2 (0: never)
+    prefetch_mb: int = PREFETCH_MB
 
     def __post_init__(self):
         accepted("impl.pack_mode", self.pack_mode, PACK_MODES)
@@ -124,7 +131,7 @@ class CuteConfig(ImplConfig):
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
-        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20)):
+        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20), ("prefetch_mb", 1024)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
                 raise ConfigError(f"impl.{key}={v!r} is not accepted; an integer in 0..{top} (0: off)")
@@ -189,6 +196,7 @@ class CuteImpl(Impl):
         self.router_tune = config.router_tune
         self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
         self.split_ctas = config.split_ctas
+        self.prefetch_bytes = config.prefetch_mb << 20
         self._select_out: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
@@ -363,7 +371,7 @@ class CuteImpl(Impl):
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
         kcombine = _kernels().combine
         return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted,
-                                split_ctas=self.split_ctas, **self.tune)
+                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes, **self.tune)
 
     def pack_fp8(self, x, meta, quant, out=None):
         """The quantizing scatter pack (``kernels.pack_fp8``): bf16 / fp16 x, H a multiple of 128."""
@@ -408,7 +416,7 @@ class CuteImpl(Impl):
         kcombine = _kernels().combine
         out = d_packed.new_empty(T, d_packed.shape[1])
         return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False,
-                                split_ctas=self.split_ctas, **self.tune)
+                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes, **self.tune)
 
     def combine_backward(self, d_out, y, meta, weighted=True):
         self._check_rows(y, "y")

@@ -10,6 +10,12 @@ slot in slot order and stores one 128-bit vector per step. Each output row is ow
 one row group, so there are no atomics and the result is deterministic. Dropped or unused
 slots (-1) are never read: their fragment stays zero.
 
+Decode (a few tokens): the row loads wait for the indices, two memory round trips in a row.
+Where all of ``y`` is small (``prefetch_rows``), the CTAs first prefetch it into the L2
+(``cp.async.bulk.prefetch``, each packed row's column share by one thread of one CTA, every row
+once over the grid), so the index loads and the rows' trip from memory overlap and the row
+loads find the L2.
+
 Compiled once per (dtype, H, S, weighted, tiling, cache hints); T and R are runtime values.
 Measured on an H200 (notes/kernels.md): 94-103 % of a same-call device copy.
 """
@@ -27,6 +33,7 @@ from moebench.kernels.common import (
     COMPILE_OPTIONS,
     SPLIT_CTAS,
     TORCH_TO_CUTE,
+    VEC_BYTES,
     CompileCache,
     RowTiling,
     as_rows,
@@ -36,8 +43,10 @@ from moebench.kernels.common import (
     fake_rows,
     fake_stream,
     fake_table,
+    few_ctas_tune,
     load_atom,
     load_chunk,
+    prefetch_l2,
     row_vectors,
     rows_ok,
     store_atom,
@@ -51,13 +60,16 @@ MAX_SLOTS = 16
 LOADS_IN_FLIGHT = 16
 #: ... and the most it may have (their fragments must fit in registers)
 MAX_LOADS = 32
+#: y of at most this many bytes is prefetched into the L2 as the kernel starts (impl.prefetch_mb;
+#: 0: never): decode sizes, far below the L2 (50 MB on an H100 / H200)
+PREFETCH_BYTES = 8 << 20
 
 
 class Combine:
     """Gate-weighted (or plain) sum of each token's packed rows, fp32 accumulation."""
 
     def __init__(self, dtype, H: int, S: int, *, weighted: bool = True, threads: int = 256,
-                 max_iters: int = 0, tpr: int = 0, hint: str = "none"):
+                 max_iters: int = 0, tpr: int = 0, hint: str = "none", prefetch_rows: int = 0):
         assert 1 <= S <= MAX_SLOTS
         self.dtype = dtype
         self.vec = vec_elems(dtype)
@@ -70,6 +82,7 @@ class Combine:
         max_iters = max(1, max_iters)
         self.tiling = RowTiling.make(H // self.vec, max_iters, threads, tpr)
         self.hint = hint
+        self.prefetch_rows = prefetch_rows  # y of at most this many rows is prefetched (0: never)
 
     @cute.jit
     def __call__(self, mY: cute.Tensor, mScatter: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, splits: Int32,
@@ -87,6 +100,15 @@ class Combine:
         tok = bidx * tl.rows_per_cta + tidx // tl.tpr  # this row group's token
         lane = tidx % tl.tpr
         ld, st = load_atom(self.dtype, self.hint), store_atom(self.dtype, self.hint)
+        lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
+        if const_expr(self.prefetch_rows > 0):
+            R = mY.shape[0]
+            if R <= self.prefetch_rows:  # rows bidx, bidx + gridDim.x, ..., this CTA's columns
+                nx, _, _ = cute.arch.grid_dim()
+                v0 = lo * (tl.tpr * tl.iters)
+                nbytes = (cutlass.min(hi * (tl.tpr * tl.iters), tl.nvec) - v0) * VEC_BYTES
+                for r in cutlass.range(bidx + tidx * nx, R, tl.threads * nx, unroll=1):
+                    prefetch_l2(mY, r, v0 * vec, nbytes)
         if tok < mOut.shape[0]:
             # the token's packed rows and gate weights (4-byte loads; the threads of a row
             # group read the same words, one transaction per warp)
@@ -99,7 +121,6 @@ class Combine:
             gOut = row_vectors(mOut, tok, vec)
             frag = cute.make_rmem_tensor((vec, tl.iters, S), self.dtype)  # loaded rows
             res = cute.make_rmem_tensor((vec, tl.iters), self.dtype)  # rounded sums
-            lo, hi = chunk_range(tl)  # all the chunks, or this CTA's share (column splits)
             for c in cutlass.range(lo, hi, unroll=1):
                 base = c * (tl.tpr * tl.iters) + lane
                 # 1. issue every load of the chunk, S rows x iters vectors; dropped or
@@ -144,7 +165,7 @@ def compile_combine(dtype, H: int, S: int, weighted: bool, **tune):
 _tilings: dict = {}
 
 
-def combine_tiling(dtype, H: int, S: int, **tune) -> RowTiling:
+def combine_tiling(dtype, H: int, S: int, prefetch_rows: int = 0, **tune) -> RowTiling:
     """The row tiling of the compiled combine of this static key (for the host's grid)."""
     key = (dtype, H, S, tuple(sorted(tune.items())))
     t = _tilings.get(key)
@@ -153,10 +174,24 @@ def combine_tiling(dtype, H: int, S: int, **tune) -> RowTiling:
     return t
 
 
+def combine_tune(dtype, H: int, S: int, T: int, R: int, prefetch_bytes: int = PREFETCH_BYTES, **tune) -> dict:
+    """The combine kernel's static keywords for ``T`` tokens and ``R`` packed rows of ``H``
+    elements of ``dtype``: one vector per thread in a grid of fewer than FEW_CTAS CTAs, and the
+    L2 prefetch where the ``R`` rows total at most ``prefetch_bytes`` (0: never)."""
+    tune = few_ctas_tune(tune, combine_tiling(dtype, H, S, **tune).grid(T))
+    row_bytes = H * dtype.width // 8
+    if 0 < R * row_bytes <= prefetch_bytes:
+        tune = {**tune, "prefetch_rows": prefetch_bytes // row_bytes}
+    return tune
+
+
 def combine(y: torch.Tensor, scatter_idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
-            weighted: bool = True, split_ctas: int = SPLIT_CTAS, **tune) -> torch.Tensor:
+            weighted: bool = True, split_ctas: int = SPLIT_CTAS, prefetch_bytes: int = PREFETCH_BYTES,
+            **tune) -> torch.Tensor:
     """Launch the combine on the current stream; writes ``out [T, H]`` and returns it. A grid of
-    fewer than ``split_ctas`` CTAs is split along the rows (``common.col_splits``; 0: never).
+    fewer than ``split_ctas`` CTAs is split along the rows (``common.col_splits``; 0: never), one
+    of fewer than ``common.FEW_CTAS`` moves one vector per thread per chunk; a ``y`` of at most
+    ``prefetch_bytes`` is prefetched into the L2 (the kernel with ``prefetch_rows``).
 
     The caller has checked dtype, H and S (see ``moebench.impls.cute_impl``)."""
     T, S = scatter_idx.shape
@@ -168,6 +203,7 @@ def combine(y: torch.Tensor, scatter_idx: torch.Tensor, weights: torch.Tensor, o
     dtype = TORCH_TO_CUTE[y.dtype]
     y = as_rows(y)
     dst = out if rows_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    tune = combine_tune(dtype, H, S, T, y.shape[0], prefetch_bytes, **tune)
     tiling = combine_tiling(dtype, H, S, **tune)
     splits = col_splits(tiling, tiling.grid(T), split_ctas)
     compile_combine(dtype, H, S, weighted, **tune)(

@@ -34,6 +34,7 @@ import torch
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
+from cutlass.experimental.primitives.nvvm_wrapper import cp_async_bulk_prefetch
 
 #: bytes per vector access (128-bit loads and stores)
 VEC_BYTES = 16
@@ -102,6 +103,21 @@ class RowTiling:
 #: the pack / combine grids are split along the row (column splits) until they hold about this
 #: many CTAs (impl.split_ctas; 0: never split)
 SPLIT_CTAS = 1024
+#: a grid of fewer CTAs than this (an H100's or H200's SMs) does not fill the GPU once: pack and
+#: combine then move one vector per thread per chunk (``max_iters`` 1, unless given), so the
+#: column splits spread each row over more CTAs, each with one round trip. H200, rotated
+#: (h200_decode_s8/knobs8.csv): combine at T 1 3.35 -> 2.68 us with the L2 prefetch at
+#: deepseek_v3, qwen3_30b_a3b 4.16 -> 2.68, gpt_oss_120b 3.80 -> 2.09 (pack: see ``kernels.pack``);
+#: at T 128 (512 CTAs) one vector per thread had lost (pack 5.84 against 5.29 us, deepseek_v3)
+FEW_CTAS = 132
+
+
+def few_ctas_tune(tune: dict, ctas: int) -> dict:
+    """``tune`` with ``max_iters=1`` for a grid of fewer than FEW_CTAS CTAs, where it leaves
+    ``max_iters`` to the kernel's default."""
+    if ctas < FEW_CTAS and not tune.get("max_iters"):
+        return {**tune, "max_iters": 1}
+    return tune
 
 
 def col_splits(tiling: RowTiling, ctas: int, target: int = SPLIT_CTAS) -> int:
@@ -151,6 +167,14 @@ def store_atom(dtype, hint: str = "none"):
         return cute.make_copy_atom(cute.nvgpu.CopyR2GOp(), dtype, num_bits_per_copy=128,
                                    store_cache_mode=cute.nvgpu.StoreCacheMode.STREAMING)
     return cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+
+
+@cute.jit
+def prefetch_l2(mT: cute.Tensor, row, col, nbytes):
+    """Bring ``nbytes`` (a multiple of 16) of row ``row`` of a row-major tensor, from element
+    ``col`` (16-byte aligned), into the L2: one ``cp.async.bulk.prefetch.L2`` (asynchronous,
+    best effort, nothing waits for it)."""
+    cp_async_bulk_prefetch(mT[row, None].iterator + col, nbytes)
 
 
 @cute.jit

@@ -117,9 +117,12 @@ def test_new_token_count_reuses_the_compiled_kernels():
     from moebench.kernels import pack as kp
 
     H, dtype = 264, torch.bfloat16
-    _check(_meta(1000, 32, 4), H, dtype)
+    # one token count of each variant: a grid under FEW_CTAS (one vector per thread) with the
+    # combine's L2 prefetch, a larger one with it, and one above PREFETCH_BYTES
+    for T in (1, 1000, 3000, 5000):
+        _check(_meta(T, 32, 4, seed=T), H, dtype)
     before = (kp._cache.misses, kc._cache.misses)
-    for T in (1, 77, 5000):
+    for T in (2, 77, 900, 2500, 6000):
         _check(_meta(T, 32, 4, seed=T), H, dtype)
     assert (kp._cache.misses, kc._cache.misses) == before
 

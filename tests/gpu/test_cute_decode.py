@@ -240,6 +240,7 @@ VARIANTS = {
     "default": {}, "no_split": {"split_ctas": 0}, "max_iters1": {"max_iters": 1},
     "gather": {"pack_mode": "gather"}, "per_token": {"scatter_per_slot": False},
     "per_token_iters1": {"scatter_per_slot": False, "max_iters": 1}, "split64": {"split_ctas": 64},
+    "no_prefetch": {"prefetch_mb": 0}, "old_tiling": {"prefetch_mb": 0, "max_iters": 2},
 }
 
 
@@ -253,7 +254,8 @@ def _check_pack_combine(meta, H, dtype, what, variants=tuple(VARIANTS)):
     for name in variants:
         im = CuteImpl(**VARIANTS[name])
         out = poison(torch.empty(meta.num_rows, H, device="cuda", dtype=dtype))
-        assert_equal(im.pack(x, meta, out=out), ref_p, f"{what} {name}: packed rows")
+        n = meta.block_rows  # aligned blocks: the rows past the last block are nobody's
+        assert_equal(im.pack(x, meta, out=out)[:n], ref_p[:n], f"{what} {name}: packed rows")
         for wt in (True, False):
             out = poison(torch.empty(T, H, device="cuda", dtype=dtype))
             assert_close(im.combine(y, meta, out=out, weighted=wt), ref_c[wt], f"{what} {name}: combined rows "
@@ -272,13 +274,15 @@ def test_split_pack_combine_match_reference(H):
     assert (col_splits(t, t.grid(1)) > 1) == (t.chunks > 1)  # the split path runs where it can
     for T in [1, 2, 16, 127, 128, 512]:
         _check_pack_combine(_meta(T, 256, 8, seed=T), H, torch.bfloat16, f"T={T} H={H}",
-                            tuple(VARIANTS) if H == 7168 else ("default", "no_split", "max_iters1", "per_token"))
+                            tuple(VARIANTS) if H == 7168 else ("default", "no_split", "max_iters1", "per_token",
+                                                               "no_prefetch"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_pack_combine_other_dtypes(dtype):
     for T in [1, 16, 128]:
-        _check_pack_combine(_meta(T, 256, 8, seed=T), 7168, dtype, f"T={T}", ("default", "no_split", "max_iters1"))
+        _check_pack_combine(_meta(T, 256, 8, seed=T), 7168, dtype, f"T={T}", ("default", "no_split", "max_iters1",
+                                                                              "no_prefetch"))
 
 
 @pytest.mark.parametrize("cap", ["cf1_padded", "cf1_align64"])
@@ -295,3 +299,16 @@ def test_split_pack_zeroes_empty_rows(cap):
             out = poison(torch.empty(meta.num_rows, 7168, device="cuda", dtype=torch.bfloat16))
             got = CuteImpl(**kw).pack(x, meta, out=out)
             assert_equal(got[:n], ref[:n], f"T={T} {kw}: packed rows")
+
+
+@pytest.mark.parametrize("cap", ["cf1", "cf1_padded", "cf1_align64"])
+def test_prefetching_combine_with_capacity(cap):
+    """Under a capacity the packed rows are more than T * S (padding, aligned blocks) and some
+    slots are dropped: the prefetching combine (every packed row once over the grid) still
+    reads only the kept slots' rows."""
+    spec = {"cf1": R.CapacitySpec(1.0), "cf1_padded": R.CapacitySpec(1.0, pad_to_capacity=True),
+            "cf1_align64": R.CapacitySpec(1.0, align=64)}[cap]
+    for T in [1, 5, 16, 128]:
+        meta = _meta(T, 64, 8, spec, seed=T)
+        _check_pack_combine(meta, 7168, torch.bfloat16, f"{cap} T={T}", ("default", "no_prefetch"))
+
