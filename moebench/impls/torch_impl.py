@@ -140,7 +140,10 @@ def combine(y: torch.Tensor, meta: RoutingMetadata, out: torch.Tensor | None = N
     H = y.shape[1]
     idx = meta.scatter_idx
     kept = idx >= 0
-    if y.is_cuda and meta.capacity is None and meta.num_rows >= T * S:  # every slot holds a row
+    # every slot holds a row, and the CSR matrix has no more entries per token (2 S for 16 bits:
+    # hi + lo) than it has columns: cuSPARSE refuses nnz > T * R ("invalid value", T 1, R = S)
+    entries = S if y.dtype == torch.float32 else 2 * S
+    if y.is_cuda and meta.capacity is None and meta.num_rows >= max(T * S, entries):
         return sparse_combine(y, idx, meta.weights if weighted else kept.float())
     rows = y.index_select(0, idx.flatten().clamp(min=0)).view(T, S, H)
     # a dropped / unused slot reads row 0: zero it (an inf or NaN there must not leak in as 0 * inf)

@@ -35,13 +35,26 @@ def test_torch_metadata_and_combine_on_gpu(cap):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_torch_dropless_combine_keeps_fp32_weights(dtype):
-    """The dropless combine (one embedding_bag, hi + lo 16-bit weights) where bf16 weights fail:
+    """The dropless combine (one cuSPARSE SpMM, hi + lo 16-bit weights) where bf16 weights fail:
     sigmoid_bias with its scaling, products that cancel."""
     spec = R.RouterSpec("sigmoid_bias", bias_std=0.1, scaling=2.5)
     ids, w = R.route(torch.randn(4099, 128, device=DEV), 8, spec, spec.expert_bias(128, DEV, 1))
     meta = R.build_metadata(ids, w, 128, CapacitySpec())
     y = (torch.randn(meta.num_rows, 1024, device=DEV) * 3).to(dtype)
     assert_close(TI.combine(y, meta), R.combine(y.float(), meta), "combine", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,k", [(1, 8), (1, 2), (2, 8), (3, 1), (16, 8)])
+def test_torch_combine_at_decode_sizes(T, k, dtype):
+    """A few tokens: at T 1 the 16-bit SpMM's 2 k entries outnumber the R = k columns, which
+    cuSPARSE refuses; the combine takes its batched product there, and the SpMM elsewhere."""
+    ids, w = R.route(make_logits("zipf", T, 256, seed=T, device=DEV), k, R.RouterSpec())
+    meta = R.build_metadata(ids, w, 256, CapacitySpec())
+    y = torch.randn(meta.num_rows, 7168, device=DEV).to(dtype)
+    for weighted in (True, False):
+        assert_close(TI.combine(y, meta, weighted=weighted), R.combine(y, meta, weighted=weighted),
+                     f"T={T} combine", dtype)
 
 
 @pytest.mark.parametrize("mode", ["events", "graph", "rotated"])
