@@ -34,6 +34,8 @@ import torch
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
 from cutlass.experimental.primitives.nvvm_wrapper import cp_async_bulk_prefetch
 
 #: bytes per vector access (128-bit loads and stores)
@@ -167,6 +169,25 @@ def store_atom(dtype, hint: str = "none"):
         return cute.make_copy_atom(cute.nvgpu.CopyR2GOp(), dtype, num_bits_per_copy=128,
                                    store_cache_mode=cute.nvgpu.StoreCacheMode.STREAMING)
     return cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+
+
+@dsl_user_op
+def _use(word: Int32, *, loc=None, ip=None) -> None:
+    """An empty volatile asm that reads ``word`` and clobbers memory: nothing is emitted, but what
+    produced ``word`` stays before it, and no memory access moves across it."""
+    llvm.inline_asm(res=None, operands_=[Int32(word).ir_value(loc=loc, ip=ip)], asm_string="",
+                    constraints="r,~{memory}", has_side_effects=True, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+@cute.jit
+def issued(frag: cute.Tensor):
+    """The loads into ``frag`` are issued here, before what follows (a compiler barrier: no wait,
+    no fence). A load whose only use is a store under ``if dst >= 0`` is otherwise moved into the
+    branch, so it waits for the index the branch reads: two memory round trips in a row where one
+    was meant (the per-slot pack's PTX before this; H200 T 1: see ``kernels.pack``)."""
+    words = cute.recast_tensor(frag, Int32)
+    for i in cutlass.range_constexpr(cute.size(words)):
+        _use(words[i])
 
 
 @cute.jit

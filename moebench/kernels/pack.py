@@ -48,6 +48,7 @@ from moebench.kernels.common import (
     fake_table,
     fake_vector,
     few_ctas_tune,
+    issued,
     load_atom,
     load_chunk,
     probe_empty_row,
@@ -171,24 +172,25 @@ class PackScatter:
                 pair = bidx * tl.rows_per_cta + group  # (token, slot) = divmod(pair, S)
                 if pair < mX.shape[0] * self.S:
                     tok = pair // self.S
-                    dst = mScatter[tok, pair - tok * self.S]
                     gX = row_vectors(mX, tok, self.vec)
                     for c in cutlass.range(lo, hi, unroll=1):
                         base = c * (tl.tpr * tl.iters) + lane
-                        load_chunk(ld, gX, frag, base, tl)  # issued without waiting for dst
+                        load_chunk(ld, gX, frag, base, tl)
+                        issued(frag)  # the row's loads, then its destination's: both in flight
+                        dst = mScatter[tok, pair - tok * self.S]
                         if dst >= 0:
                             store_chunk(st, frag, row_vectors(mOut, dst, self.vec), base, tl)
             else:
                 tok = bidx * tl.rows_per_cta + group
                 if tok < mX.shape[0]:
-                    # the token's destination rows; independent of the row loads below
                     dst = cute.make_rmem_tensor((self.S,), Int32)
-                    for j in cutlass.range_constexpr(self.S):
-                        dst[j] = mScatter[tok, j]
                     gX = row_vectors(mX, tok, self.vec)
                     for c in cutlass.range(lo, hi, unroll=1):
                         base = c * (tl.tpr * tl.iters) + lane
                         load_chunk(ld, gX, frag, base, tl)
+                        issued(frag)  # the row's loads, then the token's destination rows: all in flight
+                        for j in cutlass.range_constexpr(self.S):
+                            dst[j] = mScatter[tok, j]
                         for j in cutlass.range_constexpr(self.S):
                             if dst[j] >= 0:
                                 store_chunk(st, frag, row_vectors(mOut, dst[j], self.vec), base, tl)
