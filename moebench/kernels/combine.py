@@ -166,7 +166,8 @@ _tilings: dict = {}
 
 
 def combine_tiling(dtype, H: int, S: int, prefetch_rows: int = 0, **tune) -> RowTiling:
-    """The row tiling of the compiled combine of this static key (for the host's grid)."""
+    """The row tiling of the compiled combine of this static key (for the host's grid; the
+    prefetch does not change it)."""
     key = (dtype, H, S, tuple(sorted(tune.items())))
     t = _tilings.get(key)
     if t is None:
