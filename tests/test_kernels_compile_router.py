@@ -42,6 +42,19 @@ def test_router_compiles_other_dtypes(dtype):
     assert kr.compile_router(dtype, 256, 8, score="logit", weight="prob", has_bias=False) is not None
 
 
+@pytest.mark.parametrize("E,k,weight", [(256, 8, "prob"), (128, 4, "value"), (1000, 16, "softmax_k"),
+                                        (128, 2, "prob"), (8, 8, "value")])
+def test_router_fp32_selection_by_shape(E, k, weight):
+    """fp32 logits: truncated keys (with the tie check and the exact fallback) from
+    FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on, the exact selection below; both
+    compile for sm_90a. 16-bit logits always take their exact keys."""
+    keyed = k >= kr.FP32_KEYS_MIN_K and E >= kr.FP32_KEYS_MIN_E
+    assert kr.TopKRouter(FP32, E, k, weight=weight).keyed is keyed
+    assert kr.TopKRouter(BF16, E, k, weight=weight).keyed
+    assert not kr.TopKRouter(FP32, E, k, score="sigmoid").keyed
+    assert kr.compile_router(FP32, E, k, score="logit", weight=weight, has_bias=False) is not None
+
+
 @pytest.mark.parametrize("E,S,capacity,padded,renorm", [
     (256, 8, False, False, False), (128, 2, True, False, True), (160, 6, True, True, False),
     (1024, 16, False, False, False), (8, 1, True, False, False)])

@@ -61,7 +61,7 @@ INT32_MAX = 2**31 - 1
 
 
 THREADS = (128, 256, 512, 1024)
-ROUTER_MAX_PER_LANE = (8, 16, 32)
+ROUTER_MAX_PER_LANE = (1, 2, 4, 8, 16, 32)
 #: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
 #: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
 #: below which rows are split over more CTAs. One launch up to one CTA's tokens (32 at E 256):

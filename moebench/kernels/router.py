@@ -12,7 +12,16 @@ size up to 1024, a power of two or not. Selection is exact, with the reference t
         the owner marks that expert taken (NaN)
 
 Experts outside ``E``, taken ones and those of unselected groups hold NaN, so they never
-win; -inf logits still compete like in the reference. Everything the reference selects
+win; -inf logits still compete like in the reference.
+
+Where the selection is on the logits themselves (no sigmoid, no groups), each expert is one
+int32 *key* instead: the logit's bits as an order-preserving integer, its low ``db`` bits
+replaced by the reversed index, so one integer min-reduction per slot gives the value and the
+lowest index together (no marking: the next slot takes the largest key below the last). A
+16-bit logit's fp32 value has 13-16 always-zero low bits, so its key is exact. An fp32 logit
+gives up its low ``log2(E)`` bits: the keys pick the k + 1 best, and only when two of them
+share their truncated value (their order may be wrong) does the warp select again with the
+exact per-slot selection above; the weights read the selected logits back. Everything the reference selects
 on is computed bit for bit like torch where it matters: ``softmax_topk`` / ``topk_*``
 select on the logits themselves (the softmax is monotone, so the order and the ties are
 the logits'), sigmoid scores use the correctly rounded ``1 / (1 + exp(-x))`` torch uses,
@@ -42,6 +51,13 @@ from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 MAX_PER_LANE = 32
 MAX_EXPERTS = 1024
 MAX_TOPK = 16
+#: fp32 logits select with truncated keys from this many slots and experts on. H200, T 16384,
+#: rotated, route / select us, exact -> keys: E 256 k 8 23.1 / 17.6 -> 17.2 / 13.4, k 4 14.9 / 12.2
+#: -> 14.9 / 10.5; E 128 k 8 12.6 / 10.5 -> 11.1 / 9.5; E 64 k 8 11.4 / 9.0 -> 11.4 / 8.5, k 4
+#: 7.7 / 4.9 -> 8.0 / 5.3; E 32 k 4 6.5 / 6.3 -> 5.7 / 5.2; at k 2 the extra slot and the
+#: read-back lose (E 128 6.8 / 6.3 -> 7.8 / 6.6), and at E 8 (k 8: 4.1 / 4.0 -> 5.9 / 4.1)
+FP32_KEYS_MIN_K = 4
+FP32_KEYS_MIN_E = 32
 
 #: selection scores: the logit itself, or the sigmoid of it (plus the bias, if any)
 SCORES = ("logit", "sigmoid")
@@ -138,9 +154,16 @@ class TopKRouter:
         self.group_size = gs
         self.groups_per_lane = self.lanes.V // gs if self.grouped else 0
         self.threads = max(threads, self.lanes.G)
-        # 16-bit logits selected as they are: value and index fit one int32 key (see below)
-        self.keyed = score == "logit" and dtype.width == 16 and not self.grouped
-        self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13  # always-zero low bits of the fp32 value
+        # logits selected as they are: value and index fit one int32 key (see route_tile). A
+        # 16-bit logit's fp32 value has always-zero low bits that hold the index: the key is
+        # exact. An fp32 logit loses its low log2(E) bits to the index: the keys select, a tie of
+        # truncated values among the k + 1 best sends the warp to the exact selection; from
+        # FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on, where the keys' cheaper slots
+        # pay for the extra one and the read-back
+        self.keyed = score == "logit" and not self.grouped and (
+            dtype.width == 16 or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
+        self.exact_keys = dtype.width == 16
+        self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13 if dtype.width == 16 else max(1, (E - 1).bit_length())
         assert E <= 1 << self.drop_bits
 
     @cute.jit
@@ -330,8 +353,8 @@ class TopKRouter:
             # -- the k slots, best first ---------------------------------------------------------
             if const_expr(self.keyed):
                 # key = o + (2**db - 1 - expert), o = the logit's fp32 bits as a signed
-                # magnitude (order-preserving, -0 = +0 = 0), whose low db bits are always
-                # zero for a 16-bit logit: the largest key is the largest logit, the lowest
+                # magnitude (order-preserving, -0 = +0 = 0) with its low db bits cleared (always
+                # zero for a 16-bit logit): the largest key is the largest logit, the lowest
                 # expert among equal ones. `keys` holds them negated (see select_keyed):
                 # -key = (sg - ms) - (mask - expert) with sg = sign mask, ms = magnitude ^ sg
                 db = self.drop_bits
@@ -339,18 +362,43 @@ class TopKRouter:
                 xi = cute.recast_tensor(x, Int32)
                 for v in cutlass.range_constexpr(V):
                     sg = xi[v] >> 31
-                    ms = (xi[v] & Int32(0x7FFFFFFF)) ^ sg
-                    keys[v] = (sg - ms) - (mask - (base + v))  # -key
+                    mag = xi[v] & Int32(0x7FFFFFFF)
+                    if const_expr(self.exact_keys):
+                        keys[v] = (sg - (mag ^ sg)) - (mask - (base + v))  # -key
+                    else:  # every NaN as the canonical one (no int32 overflow), then truncated
+                        o = ((cutlass.min(mag, Int32(0x7FC00000)) ^ sg) - sg) & Int32(~mask)
+                        keys[v] = (Int32(0) - o) - (mask - (base + v))  # -key
                     if base + v >= E:
                         keys[v] = Int32(2**31 - 1)
                 key = Int32(0)
+                tie = Int32(0)  # fp32: two of the k + 1 best share their truncated value
                 for j in cutlass.range_constexpr(k):
+                    prev = key
                     key = self.select_keyed(keys, key, j == 0)
+                    if const_expr(not self.exact_keys and j > 0):
+                        if (key & Int32(~mask)) == (prev & Int32(~mask)):
+                            tie = Int32(1)
                     ids[j] = mask - (key & mask)
                     o = key & Int32(~mask)  # back to the fp32 bits: sign | magnitude
                     neg = o >> 31
                     bits[0] = ((o ^ neg) - neg) | (neg << 31)
                     wts[j] = bits_f[0]
+                if const_expr(not self.exact_keys):
+                    if const_expr(k < E):  # the best unselected one
+                        nxt_key = self.select_keyed(keys, key, False)
+                        if (nxt_key & Int32(~mask)) == (key & Int32(~mask)):
+                            tie = Int32(1)
+                    # Without such a tie the truncated order of the k + 1 best is strict, so it
+                    # is the exact order and every other expert is below the k-th: the keys'
+                    # selection is exact. With one, the warp (its shuffles need every lane)
+                    # selects again on the exact values; then the selected logits are read
+                    # back (just loaded: the L1) for the weights.
+                    if cute.arch.vote_any_sync(tie != Int32(0)):
+                        for j in cutlass.range_constexpr(k):
+                            ids[j], wts[j] = self.select(sel, src, base, V, True)
+                    if active:
+                        for j in cutlass.range_constexpr(k):
+                            wts[j] = mLogits[t, ids[j]]
             else:
                 for j in cutlass.range_constexpr(k):
                     ids[j], wts[j] = self.select(sel, src, base, V, self.score == "logit")

@@ -82,6 +82,23 @@ def test_route_kernel_layouts_agree(static, dtype):
     assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_per_lane", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("E,k", [(8, 2), (8, 8), (60, 4)])
+def test_route_narrow_lanes_agree(max_per_lane, dtype, E, k):
+    """Few experts per lane (a small E spread over several lanes of a token) select the same."""
+    from moebench.kernels import router as kr
+    lg = _logits("zipf", 4097, E, dtype, seed=E + k, ties=True)
+    for static in (dict(), dict(weight="value")):
+        ids, w, _, _ = kr.route(lg, k, max_per_lane=max_per_lane, **static)
+        rids, rw = R.route(lg, k, ROUTERS["softmax_topk"])
+        assert torch.equal(ids.long(), rids.long())
+        if not static:
+            assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(w, lg.float().gather(1, rids.long()))
+
+
 @pytest.mark.parametrize("name", ["softmax_topk", "topk_hard", "sigmoid_nobias", "group_limited_v3"])
 def test_route_ties_break_toward_lower_index(name):
     router = ROUTERS[name]
@@ -109,6 +126,37 @@ def test_route_16bit_keys_signed_zeros_and_extremes(dtype):
         assert torch.equal(ids.long(), rids.long()), f"ids differ in {(ids.long() != rids.long()).any(1).sum()} rows"
     finite = lg.clamp(-4, 4)  # gate weights checked where they are finite
     _check_route(finite, 8, R.RouterSpec())
+
+
+@pytest.mark.parametrize("E,k", [(256, 8), (128, 4), (60, 4), (32, 16), (1000, 16), (128, 2), (8, 8), (1, 1)])
+def test_route_fp32_keys_truncated_ties(E, k):
+    """fp32 logits give their low log2(E) bits to the expert index in the selection keys: rows
+    whose best values share those truncated bits (differing only below them, or exactly equal,
+    signed zeros, -inf) must take the exact selection; the other rows of the same warps too
+    (the keys from kernels.router.FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on; below:
+    the exact selection alone).
+    Routers that select on the logits; softmax_topk selects on fp32 probabilities, which can
+    tie where the logits differ in their last bits, so it gets the rows with those bits cleared
+    (exact ties, still sharing truncated values)."""
+    db = max(1, (E - 1).bit_length())
+    g = torch.Generator(device="cuda").manual_seed(23)
+    T = 3001
+    lg = _logits("uniform", T, E, torch.float32, seed=E)
+    hi = lg.view(torch.int32) & ~((1 << db) - 1)
+    low = torch.randint(0, 1 << db, (T, E), generator=g, device="cuda", dtype=torch.int32)
+    few = hi[:, :1].expand(T, E).clone()  # one truncated value per row, all low bits random
+    mixed = torch.where(torch.rand(T, E, generator=g, device="cuda") < 0.5, few, hi)
+    rows = torch.arange(T, device="cuda")[:, None]
+    lg = torch.where(rows % 3 == 0, few | low, torch.where(rows % 3 == 1, mixed | low, lg.view(torch.int32)))
+    lg = lg.view(torch.float32).clone()
+    lg[9::97] = 0.0
+    lg[10::97, ::2] = -0.0  # signed zeros: tied
+    lg[11::97, 1:] = float("-inf")
+    lg[12::97] = lg[12::97, :1]  # a whole row tied
+    for router in (R.RouterSpec("topk_hard"), R.RouterSpec("topk_softmax")):
+        _check_route(lg, k, router)
+    tied = (lg.view(torch.int32) & ~((1 << db) - 1)).view(torch.float32)
+    _check_route(tied, k, R.RouterSpec())
 
 
 def test_route_neg_inf_logits_still_compete():
