@@ -21,11 +21,15 @@ lowest index together (no marking: the next slot takes the largest key below the
 16-bit logit's fp32 value has 13-16 always-zero low bits, so its key is exact. An fp32 logit
 gives up its low ``log2(E)`` bits: the keys pick the k + 1 best, and only when two of them
 share their truncated value (their order may be wrong) does the warp select again with the
-exact per-slot selection above; the weights read the selected logits back. Everything the reference selects
-on is computed bit for bit like torch where it matters: ``softmax_topk`` / ``topk_*``
-select on the logits themselves (the softmax is monotone, so the order and the ties are
-the logits'), sigmoid scores use the correctly rounded ``1 / (1 + exp(-x))`` torch uses,
-plus the fp32 bias. Gate weights are computed in fp32 (within 1e-5 of the reference).
+exact per-slot selection above; the weights read the selected logits back (from k 4 and E 32
+on, ``FP32_KEYS_MIN_K`` / ``_E``; below, fp32 takes the per-slot selection).
+
+Everything the reference selects on is computed bit for bit like torch where it matters:
+``softmax_topk`` / ``topk_*`` select on the logits themselves (the softmax is monotone, so
+the order and the ties are the logits'; but fp32 logits one ulp apart can round to equal fp32
+probabilities, which the reference then orders by index), sigmoid scores use the correctly
+rounded ``1 / (1 + exp(-x))`` torch uses, plus the fp32 bias. Gate weights are computed in
+fp32 (within 1e-5 of the reference).
 
 The grid covers the tokens in *tiles* of ``tile`` tokens (a runtime value); a CTA routes
 one tile and writes its expert histogram ``hist[tile, E]`` (counts are sums, so the
@@ -225,7 +229,7 @@ class TopKRouter:
 
     @cute.jit
     def select_keyed(self, nkeys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
-        """Keyed selection (16-bit logits; keys are unique, held negated: ``nkeys = -key``,
+        """Keyed selection (keys are unique, held negated: ``nkeys = -key``,
         INT32_MAX past E): the largest key over the group, among those ``< below`` after the
         first slot. The first is ``-min(nkeys)``; then the max is ``c - min(c - key)`` with
         ``c = below - 1 + 2**31`` in wrapping int32, which orders keys ``< below`` first and
