@@ -56,10 +56,11 @@ MAX_PER_LANE = 32
 MAX_EXPERTS = 1024
 MAX_TOPK = 16
 #: fp32 logits select with truncated keys from this many slots and experts on. H200, T 16384,
-#: rotated, route / select us, exact -> keys: E 256 k 8 23.1 / 17.6 -> 17.2 / 13.4, k 4 14.9 / 12.2
-#: -> 14.9 / 10.5; E 128 k 8 12.6 / 10.5 -> 11.1 / 9.5; E 64 k 8 11.4 / 9.0 -> 11.4 / 8.5, k 4
-#: 7.7 / 4.9 -> 8.0 / 5.3; E 32 k 4 6.5 / 6.3 -> 5.7 / 5.2; at k 2 the extra slot and the
-#: read-back lose (E 128 6.8 / 6.3 -> 7.8 / 6.6), and at E 8 (k 8: 4.1 / 4.0 -> 5.9 / 4.1)
+#: rotated, route / select us, exact -> keys (runs/sample/h200_s9, calls V and W): E 256 k 8
+#: 23.1 / 17.6 -> 17.2 / 13.4, k 4 14.9 / 12.2 -> 14.9 / 10.5; E 128 k 8 12.6 / 10.5 -> 11.1 / 9.5;
+#: E 64 k 8 11.4 / 9.0 -> 11.4 / 8.5, k 4 7.7 / 4.9 -> 8.0 / 5.3; E 32 k 4 6.5 / 6.3 -> 5.7 / 5.2;
+#: at k 2 the extra slot and the read-back lose (E 128 6.8 / 6.3 -> 7.8 / 6.6), and at E 8
+#: (k 8: 4.1 / 4.0 -> 5.9 / 4.1)
 FP32_KEYS_MIN_K = 4
 FP32_KEYS_MIN_E = 32
 
