@@ -138,20 +138,37 @@ def test_few_ctas_take_one_vector_per_thread():
     assert kp.pack_tune(BF16, 7168, FEW_CTAS, **base) == base
 
 
-@pytest.mark.parametrize("H,S,T,R,prefetch", [(7168, 8, 1, 8, True), (7168, 8, 16, 128, True), (2048, 8, 256, 2048, True),
+@pytest.mark.parametrize("H,S,T,R,prefetch", [(7168, 8, 2, 16, True), (7168, 8, 16, 128, True), (2048, 8, 256, 2048, True),
                                               (2048, 8, 512, 4096, False),
                                               (7168, 8, 1024, 8192, False), (7168, 8, 16384, 131072, False),
                                               (4096, 2, 1, 10**6, False)])
 def test_combine_prefetches_small_packed_rows(H, S, T, R, prefetch):
     """The L2 prefetch is compiled in where the packed rows total at most PREFETCH_BYTES (decode
-    sizes; a capacity's many rows at few tokens do not qualify), never with prefetch_bytes=0; the
-    tiling it runs with is the one the host sizes the grid with."""
+    sizes; a capacity's many rows at few tokens do not qualify) and are more than STAGE_ROWS,
+    never with prefetch_bytes=0; the tiling it runs with is the one the host sizes the grid with."""
     tune = kc.combine_tune(BF16, H, S, T, R, threads=256, hint="none")
-    assert ("prefetch_rows" in tune) == prefetch
+    assert ("prefetch_rows" in tune) == prefetch and "stage_rows" not in tune
     if prefetch:
         assert tune["prefetch_rows"] == kc.PREFETCH_BYTES // (2 * H) >= R
     assert "prefetch_rows" not in kc.combine_tune(BF16, H, S, T, R, 0, threads=256, hint="none")
     assert kc.combine_tiling(BF16, H, S, **tune) == kc.Combine(BF16, H, S, **tune).tiling
+
+
+@pytest.mark.parametrize("dtype,H,S,T,R", [(BF16, 7168, 8, 1, 8), (BF16, 2880, 4, 2, 8), (BF16, 2048, 8, 1, 8),
+                                           (FP32, 4096, 2, 1, 2), (BF16, 7176, 1, 3, 3)])
+def test_combine_stages_a_few_packed_rows(dtype, H, S, T, R):
+    """At most STAGE_ROWS packed rows (a token at k 8) are staged in shared memory instead of the
+    L2 prefetch (both never at once); stage_rows=0 gives the prefetch back; the staged kernel
+    compiles for sm_90a (cp.async into each thread's own slots) within 48 KB of shared memory."""
+    tune = kc.combine_tune(dtype, H, S, T, R, threads=256, hint="none")
+    assert tune["stage_rows"] == kc.STAGE_ROWS >= R and "prefetch_rows" not in tune
+    off = kc.combine_tune(dtype, H, S, T, R, stage_rows=0, threads=256, hint="none")
+    assert "stage_rows" not in off and "prefetch_rows" in off
+    op = kc.Combine(dtype, H, S, **tune)
+    assert op.tiling == kc.combine_tiling(dtype, H, S, **tune) and op.smem_bytes <= kc.STAGE_BYTES
+    assert kc.compile_combine(dtype, H, S, True, **tune) is not None
+    with pytest.raises(AssertionError):
+        kc.Combine(dtype, H, S, stage_rows=8, prefetch_rows=8)
 
 
 @pytest.mark.parametrize("E,dtype,threads,tile", [(256, BF16, 256, 32), (128, BF16, 256, 64), (8, BF16, 256, 256),

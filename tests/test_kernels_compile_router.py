@@ -55,6 +55,33 @@ def test_router_fp32_selection_by_shape(E, k, weight):
     assert kr.compile_router(FP32, E, k, score="logit", weight=weight, has_bias=False) is not None
 
 
+@pytest.mark.parametrize("dtype,E,k,threads,V", [(FP32, 256, 8, 512, 16), (FP32, 128, 16, 1024, 16), (FP32, 256, 8, 256, 32),
+                                               (FP32, 256, 4, 512, 32), (FP32, 64, 8, 512, 32), (BF16, 256, 8, 512, 32)])
+def test_router_default_lane_experts(dtype, E, k, threads, V):
+    """max_per_lane=0 (the default) holds 16 experts a lane for fp32 logits from E 128 and k 8 in
+    CTAs of 512+ threads (32 spill there), 32 elsewhere; an explicit value is kept."""
+    assert kr.TopKRouter(dtype, E, k, threads=threads).lanes.V == V
+    assert kr.TopKRouter(dtype, E, k, threads=threads, max_per_lane=32).lanes.V == min(32, E)
+    assert kr.compile_router(dtype, E, k, threads=threads, has_bias=False) is not None
+
+
+@pytest.mark.parametrize("dtype,E,k,max_per_lane,vec", [
+    (BF16, 8, 8, 32, 4), (BF16, 8, 2, 32, 2), (FP32, 8, 6, 32, 2), (BF16, 128, 8, 32, 2), (FP32, 128, 8, 32, 2),
+    (BF16, 128, 2, 32, 1), (BF16, 256, 8, 32, 1), (BF16, 160, 6, 32, 1), (BF16, 8, 8, 2, 2), (FP16, 64, 16, 4, 1)])
+def test_router_store_vectors_and_the_select_kernel(dtype, E, k, max_per_lane, vec):
+    """A lane writes its token's k / G consecutive slots as vectors (up to 4 elements) where G
+    divides k and k / G >= 2, else a slot a lane; the select stage's kernel (no histogram, the
+    values in the logits' dtype) and the route kernel both compile for sm_90a either way."""
+    op = kr.TopKRouter(dtype, E, k, max_per_lane=max_per_lane)
+    assert op.store_vec == vec and kr.TopKRouter(dtype, E, k, max_per_lane=max_per_lane, vector_store=False).store_vec == 1
+    sel = kr.TopKRouter(dtype, E, k, weight="value", hist=False, values_in_dtype=True, max_per_lane=max_per_lane)
+    assert sel.out_dtype is dtype and not sel.hist and op.out_dtype is FP32
+    with pytest.raises(AssertionError):
+        kr.TopKRouter(dtype, E, k, weight="prob", values_in_dtype=True)  # only the select's values
+    for static in (dict(), dict(weight="value", hist=False, values_in_dtype=True), dict(vector_store=False)):
+        assert kr.compile_router(dtype, E, k, max_per_lane=max_per_lane, has_bias=False, **static) is not None
+
+
 @pytest.mark.parametrize("E,S,capacity,padded,renorm", [
     (256, 8, False, False, False), (128, 2, True, False, True), (160, 6, True, True, False),
     (1024, 16, False, False, False), (8, 1, True, False, False)])

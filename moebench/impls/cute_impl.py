@@ -29,7 +29,9 @@ What runs
   CTAs (the grid's height, a runtime value: the same kernels), so a few tokens use many SMs;
   grids of fewer CTAs than the GPU has SMs move one vector per thread (``kernels/common.py``,
   ``FEW_CTAS``), and a combine whose packed rows total at most ``prefetch_mb`` MiB prefetches
-  them into the L2 before their indices arrive (one memory round trip, not two, at decode).
+  them into the L2 before their indices arrive (one memory round trip, not two, at decode); one
+  of at most ``stage_rows`` packed rows (a token or two) copies them all into shared memory
+  with the index loads instead (no L2 round trip after the indices).
 
 Handled: bf16, fp16 and fp32; any number of tokens and rows (T = 0 returns at once);
 H a multiple of 8 elements; up to 16 slots per token for combine and scatter-pack (the
@@ -61,15 +63,16 @@ INT32_MAX = 2**31 - 1
 
 
 THREADS = (128, 256, 512, 1024)
-ROUTER_MAX_PER_LANE = (1, 2, 4, 8, 16, 32)
+ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32)
 #: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
 #: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
 #: below which rows are split over more CTAs. One launch up to one CTA's tokens (32 at E 256):
 #: on an H200 (deepseek_v3_decode, rotated) the multi-CTA one-launch path lost to two launches
 #: from T 128 (logits -> metadata 7.55 vs 7.31 us at T 128, 12.03 vs 8.32 at T 512)
 DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
-#: combine: packed rows of at most this many MiB in all are prefetched into the L2 (kernels/combine.py)
-PREFETCH_MB = 8
+#: combine: packed rows of at most this many MiB in all are prefetched into the L2, and at most
+#: this many packed rows are staged whole in shared memory instead (kernels/combine.py)
+PREFETCH_MB, STAGE_ROWS, MAX_STAGE_ROWS = 8, 8, 12
 MAX_DECODE_TOKENS = 4096
 #: the FP8 pack's tiling (kernels/pack_fp8.py): channels a thread quantizes and stores at once,
 #: how the scales are stored, tokens per row group, threads per row group (0: up to 128)
@@ -98,9 +101,10 @@ class CuteConfig(ImplConfig):
     fp8_tokens: int = 1
     fp8_tpr: int = 0
     fp8_min_ctas: int = 0
-    #: the route kernel: threads per CTA, most experts a lane holds, prefetch of the next row
+    #: the route kernel: threads per CTA, most experts a lane holds (0: the kernel's choice, 16
+    #: for fp32 logits from E 128 and k 8 at 512+ threads, else 32), prefetch of the next row
     router_threads: int = 512
-    router_max_per_lane: int = 32
+    router_max_per_lane: int = 0
     router_prefetch: bool = True
     #: decode: up to this many tokens, logits -> metadata (route_metadata) and ids -> metadata
     #: are one launch each (0: never), with this many threads per CTA
@@ -110,6 +114,8 @@ class CuteConfig(ImplConfig):
     split_ctas: int = SPLIT_CTAS
     #: combine: packed rows of at most this many MiB in all are prefetched into the L2 (0: never)
     prefetch_mb: int = PREFETCH_MB
+    #: combine: at most this many packed rows are staged whole in shared memory (0: never)
+    stage_rows: int = STAGE_ROWS
 
     def __post_init__(self):
         accepted("impl.pack_mode", self.pack_mode, PACK_MODES)
@@ -131,7 +137,8 @@ class CuteConfig(ImplConfig):
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
-        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20), ("prefetch_mb", 1024)):
+        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20), ("prefetch_mb", 1024),
+                         ("stage_rows", MAX_STAGE_ROWS)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
                 raise ConfigError(f"impl.{key}={v!r} is not accepted; an integer in 0..{top} (0: off)")
@@ -197,6 +204,7 @@ class CuteImpl(Impl):
         self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
         self.split_ctas = config.split_ctas
         self.prefetch_bytes = config.prefetch_mb << 20
+        self.stage_rows = config.stage_rows
         self._select_out: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
@@ -245,7 +253,8 @@ class CuteImpl(Impl):
         return ids, weights
 
     def select(self, logits, k, router, bias=None, out=None):
-        """The route kernel with no weights: ids and the selected logits (fp32, exact)."""
+        """The route kernel with no weights and no histogram: ids and the selected logits in their
+        own dtype (exact, like quack's values)."""
         self.check_device(logits.device)
         if logits.dtype not in DTYPES:
             raise Unsupported(f"impl=cute selects on bfloat16/float16/float32 logits, not {logits.dtype}")
@@ -255,12 +264,12 @@ class CuteImpl(Impl):
             raise Unsupported(f"experts={E}, topk={k}: the router kernel holds at most {MAX_EXPERTS} experts and "
                               f"{MAX_TOPK} slots")
         krouter = _kernels().router
-        key = (T, k, logits.device)
+        key = (T, k, logits.dtype, logits.device)
         if key not in self._select_out:
             self._select_out[key] = (torch.empty(T, k, dtype=torch.int32, device=logits.device),
-                                     torch.empty(T, k, dtype=torch.float32, device=logits.device))
+                                     torch.empty(T, k, dtype=logits.dtype, device=logits.device))
         ids, vals, _, _ = krouter.route(logits, k, None, out=self._select_out[key], score="logit", weight="value",
-                                        **self.router_tune)
+                                        hist=False, values_in_dtype=True, **self.router_tune)
         return ids, vals
 
     def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
@@ -371,7 +380,8 @@ class CuteImpl(Impl):
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
         kcombine = _kernels().combine
         return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted,
-                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes, **self.tune)
+                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
+                                stage_rows=self.stage_rows, **self.tune)
 
     def pack_fp8(self, x, meta, quant, out=None):
         """The quantizing scatter pack (``kernels.pack_fp8``): bf16 / fp16 x, H a multiple of 128."""
@@ -416,7 +426,8 @@ class CuteImpl(Impl):
         kcombine = _kernels().combine
         out = d_packed.new_empty(T, d_packed.shape[1])
         return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False,
-                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes, **self.tune)
+                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
+                                stage_rows=self.stage_rows, **self.tune)
 
     def combine_backward(self, d_out, y, meta, weighted=True):
         self._check_rows(y, "y")

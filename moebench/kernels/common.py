@@ -304,9 +304,10 @@ def fake_rows(dtype, rows, H: int):
                                          assumed_align=VEC_BYTES)
 
 
-def fake_table(dtype, rows, cols: int):
-    """A contiguous ``[rows, cols]`` index / weight table (static row stride ``cols``)."""
-    return cute.runtime.make_fake_tensor(dtype, (rows, cols), stride=(cols, 1), assumed_align=4)
+def fake_table(dtype, rows, cols: int, align: int = 4):
+    """A contiguous ``[rows, cols]`` index / weight table (static row stride ``cols``), its base
+    ``align``-byte aligned (16 where a kernel writes its rows as vectors)."""
+    return cute.runtime.make_fake_tensor(dtype, (rows, cols), stride=(cols, 1), assumed_align=align)
 
 
 def fake_vector(dtype, rows):

@@ -75,7 +75,7 @@ class FusedRouteMetadata:
 
     def __init__(self, dtype, E: int, k: int, *, capacity: bool = False, padded: bool = False,
                  renormalize_after_drop: bool = False, align: int = 1, threads: int = 256,
-                 max_per_lane: int = 32, prefetch: bool = True, **router_static):
+                 max_per_lane: int = 0, prefetch: bool = True, **router_static):
         self.router = TopKRouter(dtype, E, k, threads=threads, max_per_lane=max_per_lane, prefetch=prefetch,
                                  **router_static)
         self.threads = self.router.threads
@@ -158,7 +158,8 @@ class FusedMetadata:
 
 import torch  # noqa: E402
 
-from moebench.kernels.common import COMPILE_OPTIONS, TORCH_TO_CUTE, CompileCache, fake_stream, fake_table, fake_vector  # noqa: E402
+from moebench.kernels.common import (COMPILE_OPTIONS, TORCH_TO_CUTE, VEC_BYTES, CompileCache, fake_stream,  # noqa: E402
+                                     fake_table, fake_vector)
 from moebench.kernels.histogram import MAX_TILE, fake_hist, fake_hist_words  # noqa: E402
 from moebench.kernels.metadata import new_outputs  # noqa: E402
 from moebench.kernels.router import fake_logits, selection_bias  # noqa: E402
@@ -216,8 +217,8 @@ def compile_route_metadata(dtype, E: int, k: int, capacity: bool, padded: bool, 
         T, B, R = cute.sym_int(), cute.sym_int(), cute.sym_int()
         op = FusedRouteMetadata(dtype, E, k, capacity=capacity, padded=padded, renormalize_after_drop=drop_renorm,
                                 align=align, threads=threads, **router)
-        return cute.compile(op, fake_logits(dtype, T, E), fake_vector(Float32, E), fake_table(Int32, T, k),
-                            fake_table(Float32, T, k), fake_hist(B, E), fake_hist_words(B, E), fake_vector(Int32, E),
+        return cute.compile(op, fake_logits(dtype, T, E), fake_vector(Float32, E), fake_table(Int32, T, k, VEC_BYTES),
+                            fake_table(Float32, T, k, VEC_BYTES), fake_hist(B, E), fake_hist_words(B, E), fake_vector(Int32, E),
                             fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, R),
                             fake_table(Int32, T, k), fake_table(Float32, T, k), fake_vector(Int32, 1), Int32(1),
                             fake_stream(), options=COMPILE_OPTIONS)

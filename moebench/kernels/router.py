@@ -34,7 +34,16 @@ fp32 (within 1e-5 of the reference).
 The grid covers the tokens in *tiles* of ``tile`` tokens (a runtime value); a CTA routes
 one tile and writes its expert histogram ``hist[tile, E]`` (counts are sums, so the
 result is the same whatever order the CTA's threads add in). The metadata kernel
-(``moebench.kernels.metadata``) turns the histograms into offsets and indices.
+(``moebench.kernels.metadata``) turns the histograms into offsets and indices. The select
+stage (ids and the selected logits, a top-k kernel alone) is the same kernel without the
+histogram, its values written in the logits' dtype.
+
+Writes: where a lane group of G lanes divides k, lane g writes its token's slots
+``g*c .. g*c+c-1`` (c = k / G) as vectors (a token's whole row of ids at one lane per token,
+E <= 32: one 16-byte store instead of four 4-byte ones, each a sector of its own); else lane
+``j % G`` writes slot j. A warp stops after its own tokens: at E 8 (one lane per token) 3/4 of
+a 512-thread CTA lies past a 128-token tile, and at T 1 all but one group (H200, see
+``notes/router.md``).
 """
 
 from __future__ import annotations
@@ -63,6 +72,15 @@ MAX_TOPK = 16
 #: (k 8: 4.1 / 4.0 -> 5.9 / 4.1)
 FP32_KEYS_MIN_K = 4
 FP32_KEYS_MIN_E = 32
+#: fp32 logits in CTAs of 512 threads or more (128 registers a thread) hold at most this many
+#: experts a lane from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K slots on (the default,
+#: max_per_lane=0): 32 a lane spill 256-268 bytes a thread (ptxas, every fp32 layout of 32 a lane,
+#: k 2 to 16), 16 a lane none. H200, T 16384, rotated, route / select us, 32 -> 16 a lane
+#: (runs/sample/h200_s10, call 3): E 128 k 8 11.03 / 8.54 -> 8.92 / 7.60, E 256 k 8 17.37 / 12.11
+#: -> 14.32 / 12.12; 256 threads a CTA instead (no cap below 255 registers, half the warps):
+#: 10.00 / 8.97 and 16.86 / 13.53. Smaller k and E spill too, but were not measured
+FP32_LANE_EXPERTS = 16
+FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 8
 
 #: selection scores: the logit itself, or the sigmoid of it (plus the bias, if any)
 SCORES = ("logit", "sigmoid")
@@ -88,6 +106,15 @@ def _tree(op, vals: list):
     while len(vals) > 1:
         vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
     return vals[0]
+
+
+def lane_experts(dtype, E: int, k: int, threads: int) -> int:
+    """The most experts a lane holds by default (``max_per_lane=0``): FP32_LANE_EXPERTS for fp32
+    logits in CTAs of 512 threads or more from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K
+    slots on, else MAX_PER_LANE."""
+    if dtype.width == 32 and threads >= 512 and E >= FP32_NARROW_MIN_E and k >= FP32_NARROW_MIN_K:
+        return FP32_LANE_EXPERTS
+    return MAX_PER_LANE
 
 
 def _pow2_ceil(n: int) -> int:
@@ -135,7 +162,8 @@ def lane_group_reduce(op: cutlass.Constexpr, x, G: cutlass.Constexpr[int]):
 
 
 class TopKRouter:
-    """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16.
+    """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16
+    (the select stage: no hist, and the values in the logits' dtype).
 
     Static configuration: the logits dtype, E, k, how experts are scored and weighted,
     the bias, group-limited selection; the token count and the tile size are runtime."""
@@ -143,8 +171,11 @@ class TopKRouter:
     def __init__(self, dtype, E: int, k: int, *, score: str = "logit", weight: str = "prob",
                  renormalize: bool = False, temperature: float = 1.0, scaling: float = 1.0,
                  has_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2_sum",
-                 threads: int = 512, max_per_lane: int = MAX_PER_LANE, prefetch: bool = True):
+                 threads: int = 512, max_per_lane: int = 0, prefetch: bool = True,
+                 hist: bool = True, values_in_dtype: bool = False, vector_store: bool = True,
+                 stop_idle_warps: bool = True):
         assert score in SCORES and weight in WEIGHTS and group_score in GROUP_SCORES
+        assert not values_in_dtype or weight == "value"
         assert 1 <= k <= min(E, MAX_TOPK)
         self.dtype = dtype
         self.E, self.k = E, k
@@ -154,11 +185,20 @@ class TopKRouter:
         self.grouped = n_group > 1
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         gs = E // n_group if self.grouped else 0
-        self.lanes = LaneLayout.make(E, dtype.width // 8, gs, max_per_lane)
+        self.lanes = LaneLayout.make(E, dtype.width // 8, gs, max_per_lane or lane_experts(dtype, E, k, threads))
         self.prefetch = prefetch  # load the next token's row before selecting on this one
         self.group_size = gs
         self.groups_per_lane = self.lanes.V // gs if self.grouped else 0
         self.threads = max(threads, self.lanes.G)
+        self.hist = hist  # count the tile's assignments into hist (the select stage has no use for it)
+        # the select stage's values in the logits' dtype (exact: they are logits), like quack's
+        self.out_dtype = dtype if values_in_dtype else Float32
+        # each lane of a group writes c = k / G consecutive slots of its token as vectors of
+        # store_vec elements (16 bytes at most); 1 = lane j % G writes slot j alone
+        c = k // self.lanes.G if k % self.lanes.G == 0 else 1
+        self.store_vec = min(c & -c, 4) if vector_store and c >= 2 else 1
+        # a warp stops after its own tokens (False: every warp runs the tile's steps, as before)
+        self.stop_idle_warps = stop_idle_warps
         # logits selected as they are: value and index fit one int32 key (see route_tile). A
         # 16-bit logit's fp32 value has always-zero low bits that hold the index: the key is
         # exact. An fp32 logit loses its low log2(E) bits to the index: the keys select, a tie of
@@ -255,20 +295,23 @@ class TopKRouter:
                mHist: cute.Tensor, tile: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        smem = cutlass.memory.SmemAllocator()
-        sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(self.E)), byte_alignment=16)
-        clear_hist(sHist, tidx, self.threads)
-        cute.arch.sync_threads()
-        self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, sHist)
-        cute.arch.sync_threads()
-        store_hist_row(mHist, bidx, sHist, tidx, self.threads)
+        if const_expr(self.hist):
+            smem = cutlass.memory.SmemAllocator()
+            sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(self.E)), byte_alignment=16)
+            clear_hist(sHist, tidx, self.threads)
+            cute.arch.sync_threads()
+            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, sHist)
+            cute.arch.sync_threads()
+            store_hist_row(mHist, bidx, sHist, tidx, self.threads)
+        else:  # hist only sizes the grid
+            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, None)
 
     @cute.jit
     def route_tile(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
                    tile: Int32, bidx: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor = None):
         """Route tile ``bidx`` (tokens ``bidx * tile ..``): write its ids and weights, count its
-        assignments in ``sHist`` (cleared and synced by the caller, who syncs after) and, with
-        ``sIds``, keep its ids there too (``sIds[(t - bidx * tile) * k + j]``)."""
+        assignments in ``sHist`` (cleared and synced by the caller, who syncs after; None where
+        ``hist`` is off) and, with ``sIds``, keep its ids there too (``sIds[(t - bidx * tile) * k + j]``)."""
         L = self.lanes
         E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
         T = mLogits.shape[0]
@@ -289,17 +332,31 @@ class TopKRouter:
             keys = cute.make_rmem_tensor((V,), Int32)
             bits = cute.make_rmem_tensor((1,), Int32)
             bits_f = cute.recast_tensor(bits, Float32)
+        if const_expr(self.store_vec > 1):
+            sv = self.store_vec
+            # this lane's slots g * c + i at flat index i, mode 1 picks a vector
+            own_ids = cute.make_rmem_tensor((sv, k // G // sv), Int32)
+            own_wts = cute.make_rmem_tensor((sv, k // G // sv), self.out_dtype)
+            atom_ids = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Int32, num_bits_per_copy=sv * 32)
+            atom_wts = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.out_dtype,
+                                           num_bits_per_copy=sv * self.out_dtype.width)
         if const_expr(self.grouped):
             gsel = cute.make_rmem_tensor((self.groups_per_lane,), Float32)
             gkeep = cute.make_rmem_tensor((self.groups_per_lane,), Float32)
 
         t0 = bidx * tile
         t_end = cutlass.min(t0 + tile, T)
-        # every group of the CTA runs the same number of steps (the shuffles need whole
-        # warps); a group past the tile's end computes on stale registers and writes nothing
+        # every group of a warp runs the same number of steps (the shuffles need whole warps):
+        # as many as its first group has tokens; a group past the tile's end computes on stale
+        # registers and writes nothing. A warp with no token left stops (idle warps would
+        # compute on: at E 8 one lane per token leaves 3/4 of a 512-thread CTA past the tile)
+        steps = cute.ceil_div(tile, groups)
+        if const_expr(self.stop_idle_warps):
+            warp_off = cute.arch.make_warp_uniform(tidx // 32) * (32 // G)  # the warp's first group
+            steps = (cutlass.max(t_end - t0 - warp_off, 0) + (groups - 1)) // groups
         if const_expr(self.prefetch):
             self.load_row(mLogits, t0 + tidx // G, t_end, base, atom, nxt)
-        for r in cutlass.range(cute.ceil_div(tile, groups), unroll=1):
+        for r in cutlass.range(steps, unroll=1):
             t = t0 + r * groups + tidx // G
             active = t < t_end
             # -- load this lane's experts of row t as fp32 (NaN past E) -----------------------
@@ -457,14 +514,38 @@ class TopKRouter:
             if const_expr(self.scaling != 1.0):
                 for j in cutlass.range_constexpr(k):
                     wts[j] = wts[j] * Float32(self.scaling)
-            # -- write: slot j by lane j % G; count it in the tile's histogram -------------------
-            for j in cutlass.range_constexpr(k):
-                if active and g == j % G:
-                    mIds[t, j] = ids[j]
-                    mWeights[t, j] = wts[j]
-                    cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
-                    if const_expr(sIds is not None):
-                        sIds[(t - t0) * k + j] = ids[j]
+            # -- write: slot j by lane j // c (c = k / G consecutive slots each, as vectors) or
+            # by lane j % G; count it in the tile's histogram ---------------------------------------
+            if const_expr(self.store_vec > 1):
+                c, sv = k // G, self.store_vec
+                for i in cutlass.range_constexpr(c):  # this lane's slots g * c + i
+                    own_ids[i] = ids[i]
+                    w = wts[i]
+                    for q in cutlass.range_constexpr(1, G):
+                        if g == q:
+                            own_ids[i] = ids[q * c + i]
+                            w = wts[q * c + i]
+                    own_wts[i] = w.to(self.out_dtype)
+                if active:
+                    gI = cute.zipped_divide(mIds[t, None], (sv,))
+                    gW = cute.zipped_divide(mWeights[t, None], (sv,))
+                    for i in cutlass.range_constexpr(c // sv):
+                        cute.copy(atom_ids, own_ids[None, i], gI[None, g * (c // sv) + i])
+                        cute.copy(atom_wts, own_wts[None, i], gW[None, g * (c // sv) + i])
+                    for i in cutlass.range_constexpr(c):
+                        if const_expr(sHist is not None):
+                            cute.arch.atomic_add(sHist.iterator + own_ids[i], Int32(1), scope="cta")
+                        if const_expr(sIds is not None):
+                            sIds[(t - t0) * k + g * c + i] = own_ids[i]
+            else:
+                for j in cutlass.range_constexpr(k):
+                    if active and g == j % G:
+                        mIds[t, j] = ids[j]
+                        mWeights[t, j] = wts[j].to(self.out_dtype)
+                        if const_expr(sHist is not None):
+                            cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
+                        if const_expr(sIds is not None):
+                            sIds[(t - t0) * k + j] = ids[j]
 
 
 # --------------------------------------------------------------------------------------
@@ -490,8 +571,9 @@ def compile_router(dtype, E: int, k: int, **static):
 
     def build():
         T, B = cute.sym_int(), cute.sym_int()
-        return cute.compile(TopKRouter(dtype, E, k, **static), fake_logits(dtype, T, E), fake_vector(Float32, E),
-                            fake_table(Int32, T, k), fake_table(Float32, T, k), fake_hist(B, E), Int32(1),
+        op = TopKRouter(dtype, E, k, **static)
+        return cute.compile(op, fake_logits(dtype, T, E), fake_vector(Float32, E), fake_table(Int32, T, k, VEC_BYTES),
+                            fake_table(op.out_dtype, T, k, VEC_BYTES), fake_hist(B, E), Int32(1),
                             fake_stream(), options=COMPILE_OPTIONS)
 
     return _cache.get(key, build)
@@ -512,7 +594,8 @@ def selection_bias(bias: torch.Tensor | None, E: int, dev) -> torch.Tensor:
 
 
 def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
-    """ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16 and the tile size.
+    """ids [T, k] int32, weights [T, k] (fp32; the logits' dtype with ``values_in_dtype``), hist
+    [tiles, hist_cols(E)] int16 (not written with ``hist=False``) and the tile size.
 
     ``logits`` [T, E] of a handled dtype; ``static`` as TopKRouter (the caller has
     checked the combination, see ``moebench.impls.cute_impl``)."""
@@ -521,13 +604,16 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
     if not logits.is_contiguous() or logits.data_ptr() % VEC_BYTES:
         logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
     ids, weights = out if out is not None else (None, None)
+    wdtype = logits.dtype if static.get("values_in_dtype") else torch.float32
+
     def usable(t, dtype):  # a given output buffer is written in place only when it fits exactly
-        return t is not None and t.is_contiguous() and t.dtype == dtype and tuple(t.shape) == (T, k) and t.device == dev
+        return (t is not None and t.is_contiguous() and t.dtype == dtype and tuple(t.shape) == (T, k)
+                and t.device == dev and t.data_ptr() % VEC_BYTES == 0)  # rows may be written as vectors
 
     if not usable(ids, torch.int32):
         ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-    if not usable(weights, torch.float32):
-        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+    if not usable(weights, wdtype):
+        weights = torch.empty(T, k, dtype=wdtype, device=dev)
     tile = tile_size(T)
     hist = new_hist(T, E, tile, dev)
     if T == 0:

@@ -240,7 +240,8 @@ VARIANTS = {
     "default": {}, "no_split": {"split_ctas": 0}, "max_iters1": {"max_iters": 1},
     "gather": {"pack_mode": "gather"}, "per_token": {"scatter_per_slot": False},
     "per_token_iters1": {"scatter_per_slot": False, "max_iters": 1}, "split64": {"split_ctas": 64},
-    "no_prefetch": {"prefetch_mb": 0}, "old_tiling": {"prefetch_mb": 0, "max_iters": 2},
+    "no_prefetch": {"prefetch_mb": 0}, "old_tiling": {"prefetch_mb": 0, "max_iters": 2, "stage_rows": 0},
+    "no_stage": {"stage_rows": 0}, "stage12": {"stage_rows": 12},
 }
 
 
@@ -310,5 +311,24 @@ def test_prefetching_combine_with_capacity(cap):
             "cf1_align64": R.CapacitySpec(1.0, align=64)}[cap]
     for T in [1, 5, 16, 128]:
         meta = _meta(T, 64, 8, spec, seed=T)
-        _check_pack_combine(meta, 7168, torch.bfloat16, f"{cap} T={T}", ("default", "no_prefetch"))
+        _check_pack_combine(meta, 7168, torch.bfloat16, f"{cap} T={T}", ("default", "no_prefetch", "no_stage"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H,k", [(7168, 8), (7176, 2), (2880, 4), (2048, 1)])
+def test_staged_combine(k, H, dtype):
+    """At most stage_rows packed rows are copied whole into shared memory (each thread its
+    columns of every row) and summed from there: T 1-6 at k 1-8 (staged up to R 8 by default and
+    12 with stage12, the L2 prefetch above), a predicated last chunk (7176, 2880), one-chunk rows
+    (2048), fp32, and slots dropped under a capacity (-1: not read)."""
+    from moebench.kernels import combine as kc
+
+    for T in range(1, 7):
+        for spec in (DROPLESS, R.CapacitySpec(1.0)):
+            meta = _meta(T, 16, k, spec, seed=T + k)
+            _check_pack_combine(meta, H, dtype, f"T={T} k={k} {spec}", ("default", "no_stage", "stage12"))
+    import cutlass
+    cd = {torch.bfloat16: cutlass.BFloat16, torch.float32: cutlass.Float32}[dtype]
+    assert kc.combine_tune(cd, H, 8, 1, 8, **CuteImpl().tune).get("stage_rows") == 8
+    assert "stage_rows" not in kc.combine_tune(cd, H, 8, 2, 16, **CuteImpl().tune)
 

@@ -99,6 +99,29 @@ def test_route_narrow_lanes_agree(max_per_lane, dtype, E, k):
             assert torch.equal(w, lg.float().gather(1, rids.long()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("E,k,max_per_lane", [(8, 8, 32), (8, 2, 32), (8, 6, 32), (128, 8, 32), (128, 2, 32),
+                                              (256, 8, 32), (160, 6, 32), (60, 4, 32), (8, 8, 2), (64, 16, 4)])
+def test_select_without_histogram_values_in_dtype(dtype, E, k, max_per_lane):
+    """The select stage's kernel (no histogram, the values in the logits' dtype) and the route's
+    vector stores (a lane writes c = k / G consecutive slots of its token; k 6 over 4 lanes and
+    k 2 over 4 lanes write a slot a lane) give the reference's ids, the logits at them, and the
+    route's weights; rows past a tile's end are left alone (T not a multiple of the tile)."""
+    from moebench.kernels import router as kr
+    lg = _logits("zipf", 4097, E, dtype, seed=E + k, ties=True)
+    rids, rw = R.route(lg, k, ROUTERS["softmax_topk"])
+    ids, vals, _, _ = kr.route(lg, k, weight="value", hist=False, values_in_dtype=True, max_per_lane=max_per_lane)
+    assert vals.dtype == dtype
+    assert torch.equal(ids.long(), rids.long()), f"ids differ in {(ids.long() != rids.long()).any(1).sum()} rows"
+    assert torch.equal(vals, lg.gather(1, rids.long()))
+    for vector_store in (True, False):
+        ids, w, hist, tile = kr.route(lg, k, max_per_lane=max_per_lane, vector_store=vector_store)
+        assert torch.equal(ids.long(), rids.long())
+        assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
+        counts = torch.bincount(ids.long().flatten(), minlength=E)
+        assert torch.equal(hist.long().sum(0)[:E], counts)
+
+
 @pytest.mark.parametrize("name", ["softmax_topk", "topk_hard", "sigmoid_nobias", "group_limited_v3"])
 def test_route_ties_break_toward_lower_index(name):
     router = ROUTERS[name]
