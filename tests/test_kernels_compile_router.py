@@ -11,6 +11,7 @@ cutlass = pytest.importorskip("cutlass")
 from moebench import routing as R  # noqa: E402
 from moebench.impls.base import Unsupported  # noqa: E402
 from moebench.impls.cute_impl import router_static  # noqa: E402
+from moebench.kernels import lanes as kl  # noqa: E402
 from moebench.kernels import metadata as km  # noqa: E402
 from moebench.kernels import router as kr  # noqa: E402
 
@@ -99,8 +100,8 @@ def test_aligned_metadata_kernels_compile(E, S, capacity, padded, align):
 @pytest.mark.parametrize("E", [1, 7, 8, 60, 64, 100, 128, 160, 256, 384, 512, 1000, 1024])
 @pytest.mark.parametrize("elem_bytes", [2, 4])
 def test_lane_layout_covers_the_experts(E, elem_bytes):
-    L = kr.LaneLayout.make(E, elem_bytes)
-    assert L.G & (L.G - 1) == 0 and L.G <= 32 and L.V <= kr.MAX_PER_LANE
+    L = kl.LaneLayout.make(E, elem_bytes)
+    assert L.G & (L.G - 1) == 0 and L.G <= 32 and L.V <= kl.MAX_PER_LANE
     assert L.G * L.V >= E and (L.G - 1) * L.V < E  # every expert has a lane, no lane is empty
     assert L.V % L.W == 0 and E % L.W == 0 and L.W * elem_bytes <= 16
 
@@ -108,7 +109,7 @@ def test_lane_layout_covers_the_experts(E, elem_bytes):
 @pytest.mark.parametrize("E,n_group", [(256, 8), (160, 8), (64, 4), (8, 8), (8, 2)])
 def test_lane_layout_keeps_groups_whole(E, n_group):
     gs = E // n_group
-    L = kr.LaneLayout.make(E, 2, gs)
+    L = kl.LaneLayout.make(E, 2, gs)
     assert L.V % gs == 0 and L.G * L.V >= E
 
 

@@ -52,7 +52,8 @@ from moebench.kernels.common import (
     store_chunk,
     vec_elems,
 )
-from moebench.kernels.router import LaneLayout, fake_logits, lane_group_reduce
+from moebench.kernels.lanes import LaneLayout, lane_group_reduce
+from moebench.kernels.router import fake_logits
 
 #: most slots per token the kernels unroll over
 MAX_SLOTS = 16

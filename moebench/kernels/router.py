@@ -49,7 +49,6 @@ a 512-thread CTA lies past a 128-token tile, and at T 1 all but one group (H200,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cuda.bindings.driver as cuda
 
@@ -59,10 +58,8 @@ from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
+from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, tree
 
-#: most experts per lane (register budget) and per token (1024 = 32 lanes x 32)
-MAX_PER_LANE = 32
-MAX_EXPERTS = 1024
 MAX_TOPK = 16
 #: fp32 logits select with truncated keys from this many slots and experts on. H200, T 16384,
 #: rotated, route / select us, exact -> keys (runs/sample/h200_s9, calls V and W): E 256 k 8
@@ -72,15 +69,6 @@ MAX_TOPK = 16
 #: (k 8: 4.1 / 4.0 -> 5.9 / 4.1)
 FP32_KEYS_MIN_K = 4
 FP32_KEYS_MIN_E = 32
-#: fp32 logits in CTAs of 512 threads or more (128 registers a thread) hold at most this many
-#: experts a lane from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K slots on (the default,
-#: max_per_lane=0): 32 a lane spill 256-268 bytes a thread (ptxas, every fp32 layout of 32 a lane,
-#: k 2 to 16), 16 a lane none. H200, T 16384, rotated, route / select us, 32 -> 16 a lane
-#: (runs/sample/h200_s10, call 3): E 128 k 8 11.03 / 8.54 -> 8.92 / 7.60, E 256 k 8 17.37 / 12.11
-#: -> 14.32 / 12.12; 256 threads a CTA instead (no cap below 255 registers, half the warps):
-#: 10.00 / 8.97 and 16.86 / 13.53. Smaller k and E spill too, but were not measured
-FP32_LANE_EXPERTS = 16
-FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 8
 
 #: selection scores: the logit itself, or the sigmoid of it (plus the bias, if any)
 SCORES = ("logit", "sigmoid")
@@ -99,66 +87,6 @@ _LOG2E = math.log2(math.e)
 
 def _add(a, b):
     return a + b
-
-
-def _tree(op, vals: list):
-    """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n)."""
-    while len(vals) > 1:
-        vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
-    return vals[0]
-
-
-def lane_experts(dtype, E: int, k: int, threads: int) -> int:
-    """The most experts a lane holds by default (``max_per_lane=0``): FP32_LANE_EXPERTS for fp32
-    logits in CTAs of 512 threads or more from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K
-    slots on, else MAX_PER_LANE."""
-    if dtype.width == 32 and threads >= 512 and E >= FP32_NARROW_MIN_E and k >= FP32_NARROW_MIN_K:
-        return FP32_LANE_EXPERTS
-    return MAX_PER_LANE
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-@dataclass(frozen=True)
-class LaneLayout:
-    """How a token's E experts spread over a lane group: ``G`` lanes of ``V`` experts each
-    (lane ``g`` holds ``g*V .. g*V+V-1``), loaded as vectors of ``W`` elements."""
-
-    E: int
-    G: int
-    V: int
-    W: int
-
-    @classmethod
-    def make(cls, E: int, elem_bytes: int, group_size: int = 0, max_per_lane: int = MAX_PER_LANE) -> "LaneLayout":
-        """The fewest experts per lane that fit ``max_per_lane`` (fewer shuffles per slot),
-        or, with ``group_size`` (group-limited routers), whole groups per lane."""
-        assert 1 <= E <= MAX_EXPERTS
-        max_per_lane = max(max_per_lane, -(-E // 32))  # at most a warp per token
-        if group_size:
-            per_lane = group_size * max(1, max_per_lane // group_size)
-            G = _pow2_ceil(-(-E // per_lane))
-            V = per_lane if G > 1 else E
-        else:
-            G = _pow2_ceil(-(-E // max_per_lane))
-            V = -(-E // G)
-        assert G <= 32 and V <= MAX_PER_LANE
-        # widest vector (up to 16 bytes) that divides both the row and each lane's share
-        W = VEC_BYTES // elem_bytes
-        while W > 1 and (E % W or V % W):
-            W //= 2
-        return cls(E, G, V, W)
-
-
-@cute.jit
-def lane_group_reduce(op: cutlass.Constexpr, x, G: cutlass.Constexpr[int]):
-    """``op`` over a lane group of ``G`` consecutive lanes (a power of two, up to a warp): xor
-    shuffles stay inside the group, and every lane gets the result."""
-    for i in cutlass.range_constexpr(int(math.log2(G))):
-        x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
-    return x
 
 
 class TopKRouter:
@@ -240,7 +168,7 @@ class TopKRouter:
                src_is_sel: cutlass.Constexpr[bool]):
         """Take the largest of ``sel[:n]`` over the group (lowest index on ties), mark it
         taken (NaN) and return (its index, ``src`` at it). ``base`` = this lane's first index."""
-        m = _tree(cute.arch.fmax, [sel[v] for v in range(n)])
+        m = tree(cute.arch.fmax, [sel[v] for v in range(n)])
         m = self.group_reduce(cute.arch.fmax, m)
         idx = Int32(1 << 30)
         w = m
@@ -280,14 +208,14 @@ class TopKRouter:
         V = self.lanes.V
         m = below
         if const_expr(first):
-            m = Int32(0) - self.group_reduce(cutlass.min, _tree(cutlass.min, [nkeys[v] for v in range(V)]))
+            m = Int32(0) - self.group_reduce(cutlass.min, tree(cutlass.min, [nkeys[v] for v in range(V)]))
         else:
             c = below + Int32(2**31 - 1)
             nc = min(4, V)
             acc = [nkeys[v] + c for v in range(nc)]
             for v in cutlass.range_constexpr(nc, V):
                 acc[v % nc] = cutlass.min(acc[v % nc], nkeys[v] + c)
-            m = c - self.group_reduce(cutlass.min, _tree(cutlass.min, acc))
+            m = c - self.group_reduce(cutlass.min, tree(cutlass.min, acc))
         return m
 
     @cute.kernel
@@ -384,7 +312,7 @@ class TopKRouter:
             # softmax over all E (the "prob" weights): group max and sum of exp
             row_max = Float32(0.0)
             if const_expr(self.weight == "prob" and self.grouped):  # the best group may not hold the max
-                row_max = self.group_reduce(cute.arch.fmax, _tree(cute.arch.fmax, [x[v] for v in range(V)]))
+                row_max = self.group_reduce(cute.arch.fmax, tree(cute.arch.fmax, [x[v] for v in range(V)]))
             # -- group-limited: keep the experts of the best topk_group groups ---------------
             if const_expr(self.grouped):
                 gs, gpl = self.group_size, self.groups_per_lane
@@ -474,7 +402,7 @@ class TopKRouter:
                     if base + v >= E:
                         term = Float32(0.0)
                     terms.append(term)
-                row_sum = self.group_reduce(_add, _tree(_add, terms))
+                row_sum = self.group_reduce(_add, tree(_add, terms))
                 inv = Float32(1.0) / row_sum
                 for j in cutlass.range_constexpr(k):
                     wts[j] = cute.math.exp2((wts[j] - row_max) * _LOG2E, fastmath=True) * inv

@@ -1,0 +1,87 @@
+"""How a token's experts spread over a *lane group* (``G`` consecutive threads, a power of two up
+to a warp; lane ``g`` holds experts ``g*V .. g*V+V-1``), how many a lane holds by default, and
+the reductions over a group: what the route kernel (``moebench.kernels.router``) and the route
+backward (``moebench.kernels.backward``) share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+
+from moebench.kernels.common import VEC_BYTES
+
+#: most experts per lane (register budget) and per token (32 lanes x 32)
+MAX_PER_LANE = 32
+MAX_EXPERTS = 1024
+#: fp32 logits in CTAs of 512 threads or more (128 registers a thread) hold at most this many
+#: experts a lane from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K slots on (the default,
+#: max_per_lane=0): 32 a lane spill 256-268 bytes a thread (ptxas, every fp32 layout of 32 a lane,
+#: k 2 to 16), 16 a lane none. H200, T 16384, rotated, route / select us, 32 -> 16 a lane
+#: (runs/sample/h200_s10, call 3): E 128 k 8 11.03 / 8.54 -> 8.92 / 7.60, E 256 k 8 17.37 / 12.11
+#: -> 14.32 / 12.12; 256 threads a CTA instead (no cap below 255 registers, half the warps):
+#: 10.00 / 8.97 and 16.86 / 13.53. Smaller k and E spill too, but were not measured
+FP32_LANE_EXPERTS = 16
+FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 8
+
+
+def tree(op, vals: list):
+    """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n)."""
+    while len(vals) > 1:
+        vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def lane_experts(dtype, E: int, k: int, threads: int) -> int:
+    """The most experts a lane holds by default (``max_per_lane=0``): FP32_LANE_EXPERTS for fp32
+    logits in CTAs of 512 threads or more from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K
+    slots on, else MAX_PER_LANE."""
+    if dtype.width == 32 and threads >= 512 and E >= FP32_NARROW_MIN_E and k >= FP32_NARROW_MIN_K:
+        return FP32_LANE_EXPERTS
+    return MAX_PER_LANE
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class LaneLayout:
+    """How a token's E experts spread over a lane group: ``G`` lanes of ``V`` experts each
+    (lane ``g`` holds ``g*V .. g*V+V-1``), loaded as vectors of ``W`` elements."""
+
+    E: int
+    G: int
+    V: int
+    W: int
+
+    @classmethod
+    def make(cls, E: int, elem_bytes: int, group_size: int = 0, max_per_lane: int = MAX_PER_LANE) -> "LaneLayout":
+        """The fewest experts per lane that fit ``max_per_lane`` (fewer shuffles per slot),
+        or, with ``group_size`` (group-limited routers), whole groups per lane."""
+        assert 1 <= E <= MAX_EXPERTS
+        max_per_lane = max(max_per_lane, -(-E // 32))  # at most a warp per token
+        if group_size:
+            per_lane = group_size * max(1, max_per_lane // group_size)
+            G = _pow2_ceil(-(-E // per_lane))
+            V = per_lane if G > 1 else E
+        else:
+            G = _pow2_ceil(-(-E // max_per_lane))
+            V = -(-E // G)
+        assert G <= 32 and V <= MAX_PER_LANE
+        # widest vector (up to 16 bytes) that divides both the row and each lane's share
+        W = VEC_BYTES // elem_bytes
+        while W > 1 and (E % W or V % W):
+            W //= 2
+        return cls(E, G, V, W)
+
+
+@cute.jit
+def lane_group_reduce(op: cutlass.Constexpr, x, G: cutlass.Constexpr[int]):
+    """``op`` over a lane group of ``G`` consecutive lanes (a power of two, up to a warp): xor
+    shuffles stay inside the group, and every lane gets the result."""
+    for i in cutlass.range_constexpr(int(math.log2(G))):
+        x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
+    return x
