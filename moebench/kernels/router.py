@@ -39,9 +39,9 @@ stage (ids and the selected logits, a top-k kernel alone) is the same kernel wit
 histogram, its values written in the logits' dtype.
 
 Writes: where a lane group of G lanes divides k, lane g writes its token's slots
-``g*c .. g*c+c-1`` (c = k / G) as vectors (a token's whole row of ids at one lane per token,
-E <= 32: one 16-byte store instead of four 4-byte ones, each a sector of its own); else lane
-``j % G`` writes slot j. A warp stops after its own tokens: at E 8 (one lane per token) 3/4 of
+``g*c .. g*c+c-1`` (c = k / G) as vectors (at one lane a token, E <= 32, k 8: its ids in two
+16-byte stores instead of eight 4-byte ones 32 bytes apart in a warp); else lane ``j % G``
+writes slot j. A warp stops after its own tokens: at E 8 (one lane per token) 3/4 of
 a 512-thread CTA lies past a 128-token tile, and at T 1 all but one group (H200, see
 ``notes/router.md``).
 """
