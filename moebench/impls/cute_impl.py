@@ -205,6 +205,9 @@ class CuteImpl(Impl):
         self.split_ctas = config.split_ctas
         self.prefetch_bytes = config.prefetch_mb << 20
         self.stage_rows = config.stage_rows
+        # the combine kernel's keywords (the forward combine and the pack backward)
+        self._combine_tune = dict(split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
+                                  stage_rows=self.stage_rows, **self.tune)
         self._select_out: dict = {}
 
     # -- checks ----------------------------------------------------------------------------
@@ -379,9 +382,7 @@ class CuteImpl(Impl):
         else:
             self._check_out(out, (T, H), y.dtype, y.device, "combine")
         kcombine = _kernels().combine
-        return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted,
-                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
-                                stage_rows=self.stage_rows, **self.tune)
+        return kcombine.combine(y, meta.scatter_idx, meta.weights, out, weighted=weighted, **self._combine_tune)
 
     def pack_fp8(self, x, meta, quant, out=None):
         """The quantizing scatter pack (``kernels.pack_fp8``): bf16 / fp16 x, H a multiple of 128."""
@@ -425,9 +426,7 @@ class CuteImpl(Impl):
             raise Unsupported(f"pack backward sums at most {MAX_SLOTS} slots per token; this routing has S={S}")
         kcombine = _kernels().combine
         out = d_packed.new_empty(T, d_packed.shape[1])
-        return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False,
-                                split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
-                                stage_rows=self.stage_rows, **self.tune)
+        return kcombine.combine(d_packed, meta.scatter_idx, meta.weights, out, weighted=False, **self._combine_tune)
 
     def combine_backward(self, d_out, y, meta, weighted=True):
         self._check_rows(y, "y")

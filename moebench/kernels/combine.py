@@ -163,8 +163,7 @@ class Combine:
                     cute.arch.cp_async_wait_group(0)  # this thread's own copies: no barrier
                     for j in cutlass.range_constexpr(S):
                         if src[j] >= 0:
-                            for i in cutlass.range_constexpr(tl.iters):
-                                frag[None, i, j].store(sY[None, tidx, i, src[j]].load())
+                            frag[None, None, j].store(sY[None, tidx, None, src[j]].load())
                 else:
                     for j in cutlass.range_constexpr(S):
                         if src[j] >= 0:
@@ -185,17 +184,9 @@ class Combine:
     def stage(self, mY: cute.Tensor, sY: cute.Tensor, g2s: cute.CopyAtom, base: Int32, tidx: Int32):
         """Copy this thread's vectors of a chunk (first column ``base``) of every packed row
         (``R <= stage_rows``) into its slots of ``sY`` (``cp.async``, committed, not waited for)."""
-        tl = self.tiling
         for r in cutlass.range_constexpr(self.stage_rows):
             if r < mY.shape[0]:
-                gRow = row_vectors(mY, r, self.vec)
-                for i in cutlass.range_constexpr(tl.iters):
-                    col = base + i * tl.tpr
-                    if const_expr(tl.predicated):
-                        if col < tl.nvec:
-                            cute.copy(g2s, gRow[None, col], sY[None, tidx, i, r])
-                    else:
-                        cute.copy(g2s, gRow[None, col], sY[None, tidx, i, r])
+                load_chunk(g2s, row_vectors(mY, r, self.vec), sY[None, tidx, None, r], base, self.tiling)
         cute.arch.cp_async_commit_group()
 
 

@@ -461,19 +461,22 @@ class TopKRouter:
                         cute.copy(atom_ids, own_ids[None, i], gI[None, g * (c // sv) + i])
                         cute.copy(atom_wts, own_wts[None, i], gW[None, g * (c // sv) + i])
                     for i in cutlass.range_constexpr(c):
-                        if const_expr(sHist is not None):
-                            cute.arch.atomic_add(sHist.iterator + own_ids[i], Int32(1), scope="cta")
-                        if const_expr(sIds is not None):
-                            sIds[(t - t0) * k + g * c + i] = own_ids[i]
+                        self.keep_slot(sHist, sIds, own_ids[i], (t - t0) * k + g * c + i)
             else:
                 for j in cutlass.range_constexpr(k):
                     if active and g == j % G:
                         mIds[t, j] = ids[j]
                         mWeights[t, j] = wts[j].to(self.out_dtype)
-                        if const_expr(sHist is not None):
-                            cute.arch.atomic_add(sHist.iterator + ids[j], Int32(1), scope="cta")
-                        if const_expr(sIds is not None):
-                            sIds[(t - t0) * k + j] = ids[j]
+                        self.keep_slot(sHist, sIds, ids[j], (t - t0) * k + j)
+
+    @cute.jit
+    def keep_slot(self, sHist: cute.Tensor, sIds: cute.Tensor, e: Int32, pos: Int32):
+        """Count a written slot's expert ``e`` in the tile's histogram and keep it at ``sIds[pos]``
+        (each where the caller passed one)."""
+        if const_expr(sHist is not None):
+            cute.arch.atomic_add(sHist.iterator + e, Int32(1), scope="cta")
+        if const_expr(sIds is not None):
+            sIds[pos] = e
 
 
 # --------------------------------------------------------------------------------------
