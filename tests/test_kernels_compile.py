@@ -72,6 +72,20 @@ def test_default_scatter_tuning_compiles(H, S):
     assert kp.compile_scatter(cutlass.BFloat16, H, S, False, threads=256, hint="none", **tune) is not None
 
 
+@pytest.mark.parametrize("H,pairs,per_slot", [(2048, 8, True), (2048, 128, True), (2048, 131, True),
+                                              (2048, 132, False), (2048, 1024, False), (2880, 64, True),
+                                              (2880, 512, False), (7168, 131072, True), (4096, 10**6, True)])
+def test_scatter_per_slot_for_long_rows_or_a_decode_batch(H, pairs, per_slot):
+    """Per (token, slot) for rows of 8 KB or more, and for shorter ones where the pairs are
+    fewer than FEW_CTAS; a choice the user made stands."""
+    from moebench.kernels.common import FEW_CTAS
+
+    assert FEW_CTAS == 132
+    assert kp.scatter_tuning(cutlass.BFloat16, H, pairs=pairs) == {"per_slot": per_slot}
+    assert kp.scatter_tuning(cutlass.BFloat16, H, False, pairs) == {"per_slot": False}
+    assert kp.scatter_tuning(cutlass.BFloat16, H, True, pairs) == {"per_slot": True}
+
+
 @pytest.mark.parametrize("H,iters,chunks", [(4096, 2, 2), (7168, 7, 1), (2048, 2, 1)])
 def test_pack_tiling_at_the_benchmark_shapes(H, iters, chunks):
     """The tilings measured best on the H200 (notes/kernels.md) are the defaults."""

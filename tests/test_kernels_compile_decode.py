@@ -186,6 +186,29 @@ def test_decode_kernels_fit_shared_memory(E, S, capacity, threads):
     assert kd.fits(kd.FusedMetadata(E, S, capacity=capacity, threads=threads))
 
 
+@pytest.mark.parametrize("E,k,threads,meta,direct", [
+    (256, 8, 256, {}, 32), (128, 8, 256, {}, 32), (8, 2, 256, {}, 32), (1024, 16, 256, {}, 32),
+    (256, 8, 256, {"direct_pairs": 128}, 128), (1024, 16, 256, {"direct_pairs": 256}, 128),  # a tile: 8 tokens
+    (256, 8, 256, {"direct_pairs": 0}, 0), (256, 8, 256, {"direct_pairs": 1024}, 256),  # capped at the threads
+    (256, 8, 256, {"capacity": True}, 0), (256, 8, 256, {"padded": True, "capacity": True}, 0),
+    (256, 8, 256, {"align": 16}, 0)])
+def test_direct_metadata_only_dropless_unaligned(E, k, threads, meta, direct):
+    """The scan-free metadata: dropless, unpadded, align 1, at most one pair per thread and
+    one tile's pairs; the kernel with it and the one without both compile for sm_90a."""
+    static = dict(router_static(R.RouterSpec(), k, E, False), has_bias=False, max_per_lane=32, prefetch=True)
+    op = kd.FusedRouteMetadata(BF16, E, k, threads=threads, **meta, **static)
+    assert op.direct_pairs == direct
+    if direct:
+        assert op.direct_pairs <= min(op.threads, op.tile * k)
+
+
+@pytest.mark.parametrize("direct_pairs", [0, 40, 128])
+def test_fused_route_metadata_direct_pairs_compile(direct_pairs):
+    k, static = _router(R.RouterSpec(), 128, 8, False)
+    fn = kd.compile_route_metadata(BF16, 128, k, False, False, False, 1, 256, direct_pairs=direct_pairs, **static)
+    assert fn is not None and _sm90a(fn)
+
+
 def test_decode_kernel_too_large_for_shared_memory_is_refused():
     # E 1024, S 16 at 1024 threads: the bit words alone are 2 x 128 KB
     assert not kd.fits(kd.FusedMetadata(1024, 16, capacity=True, threads=1024))
@@ -200,9 +223,11 @@ def test_impl_decode_options():
     for kw, msg in [({"decode_tokens": -1}, "decode_tokens"), ({"decode_tokens": 10**6}, "decode_tokens"),
                     ({"decode_threads": 96}, "decode_threads"), ({"split_ctas": True}, "split_ctas"),
                     ({"split_ctas": 1.5}, "split_ctas"), ({"prefetch_mb": -1}, "prefetch_mb"),
-                    ({"prefetch_mb": True}, "prefetch_mb")]:
+                    ({"prefetch_mb": True}, "prefetch_mb"), ({"decode_direct_pairs": -1}, "decode_direct_pairs"),
+                    ({"decode_direct_pairs": 2048}, "decode_direct_pairs")]:
         with pytest.raises(ConfigError, match=msg):
             CuteImpl(**kw)
+    assert CuteImpl(decode_direct_pairs=0).decode_direct_pairs == 0
 
 
 def test_the_impl_defaults_are_the_kernels():
@@ -213,5 +238,6 @@ def test_the_impl_defaults_are_the_kernels():
     assert cute_impl.SPLIT_CTAS == common.SPLIT_CTAS
     assert cute_impl.PREFETCH_MB << 20 == kc.PREFETCH_BYTES
     assert cute_impl.DECODE_THREADS == kd.DECODE_THREADS
+    assert cute_impl.DIRECT_PAIRS == kd.DIRECT_PAIRS == CuteConfig().decode_direct_pairs
     c = CuteConfig()
     assert (c.split_ctas, c.decode_threads) == (common.SPLIT_CTAS, kd.DECODE_THREADS)

@@ -70,6 +70,9 @@ ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32)
 #: on an H200 (deepseek_v3_decode, rotated) the multi-CTA one-launch path lost to two launches
 #: from T 128 (logits -> metadata 7.55 vs 7.31 us at T 128, 12.03 vs 8.32 at T 512)
 DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
+#: up to this many (token, slot) pairs in one CTA the one-launch metadata is written without the
+#: scan (kernels/decode.py, FusedRouteMetadata.direct)
+DIRECT_PAIRS = 32
 #: combine: packed rows of at most this many MiB in all are prefetched into the L2, and at most
 #: this many packed rows are staged whole in shared memory instead (kernels/combine.py)
 PREFETCH_MB, STAGE_ROWS, MAX_STAGE_ROWS = 8, 8, 12
@@ -110,6 +113,9 @@ class CuteConfig(ImplConfig):
     #: are one launch each (0: never), with this many threads per CTA
     decode_tokens: int = DECODE_TOKENS
     decode_threads: int = DECODE_THREADS
+    #: decode: up to this many (token, slot) pairs in one CTA (at most decode_threads),
+    #: dropless and unaligned, the one-launch metadata is written without the scan (0: never)
+    decode_direct_pairs: int = DIRECT_PAIRS
     #: pack / combine grids of fewer CTAs than this are split along the rows (0: never)
     split_ctas: int = SPLIT_CTAS
     #: combine: packed rows of at most this many MiB in all are prefetched into the L2 (0: never)
@@ -137,8 +143,8 @@ class CuteConfig(ImplConfig):
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
-        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("split_ctas", 1 << 20), ("prefetch_mb", 1024),
-                         ("stage_rows", MAX_STAGE_ROWS)):
+        for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("decode_direct_pairs", max(THREADS)),
+                         ("split_ctas", 1 << 20), ("prefetch_mb", 1024), ("stage_rows", MAX_STAGE_ROWS)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
                 raise ConfigError(f"impl.{key}={v!r} is not accepted; an integer in 0..{top} (0: off)")
@@ -202,6 +208,7 @@ class CuteImpl(Impl):
         self.fp8_tune = config.fp8_tune
         self.router_tune = config.router_tune
         self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
+        self.decode_direct_pairs = config.decode_direct_pairs
         self.split_ctas = config.split_ctas
         self.prefetch_bytes = config.prefetch_mb << 20
         self.stage_rows = config.stage_rows
@@ -338,7 +345,7 @@ class CuteImpl(Impl):
         tune = {key: v for key, v in self.router_tune.items() if key != "threads"}
         res = _kernels().decode.route_metadata(
             logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
-            threads=self.decode_threads, **dict(static, has_bias=bias is not None), **tune)
+            threads=self.decode_threads, direct_pairs=self.decode_direct_pairs, **dict(static, has_bias=bias is not None), **tune)
         if res is None:  # too much shared memory, or captured on a stream with no ticket counter yet
             return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)
         ids, w, *meta = res
@@ -362,7 +369,8 @@ class CuteImpl(Impl):
         kpack = _kernels().pack
         tune = self.tune
         if mode == "scatter":
-            tune = dict(tune, **kpack.scatter_tuning(kpack.TORCH_TO_CUTE[x.dtype], H, self.scatter_per_slot))
+            tune = dict(tune, **kpack.scatter_tuning(kpack.TORCH_TO_CUTE[x.dtype], H, self.scatter_per_slot,
+                                                          T * meta.num_slots))
         return kpack.pack(x, meta.gather_idx, meta.scatter_idx, out, mode=mode,
                           zero_empty=meta.may_have_empty_rows, split_ctas=self.split_ctas, **tune)
 

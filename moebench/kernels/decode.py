@@ -32,11 +32,18 @@ import cuda.bindings.driver as cuda
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.histogram import ExpertHistogram, clear_hist, hist_cols, store_hist_row
 from moebench.kernels.metadata import MetadataIndices
 from moebench.kernels.router import TopKRouter
+
+#: most (token, slot) pairs of one CTA whose dropless metadata the route kernel writes directly,
+#: without the scan (impl.decode_direct_pairs; capped at the CTA's threads and tile)
+DIRECT_PAIRS = 32
+#: pairs a thread counts per step of the direct metadata (loads in flight together)
+DIRECT_CHUNK = 16
+EMPTY = 2047  # an empty slot's (-1) expert bits in the direct metadata's keys
 
 
 @cute.jit
@@ -75,7 +82,7 @@ class FusedRouteMetadata:
 
     def __init__(self, dtype, E: int, k: int, *, capacity: bool = False, padded: bool = False,
                  renormalize_after_drop: bool = False, align: int = 1, threads: int = 256,
-                 max_per_lane: int = 0, prefetch: bool = True, **router_static):
+                 max_per_lane: int = 0, prefetch: bool = True, direct_pairs: int = DIRECT_PAIRS, **router_static):
         self.router = TopKRouter(dtype, E, k, threads=threads, max_per_lane=max_per_lane, prefetch=prefetch,
                                  **router_static)
         self.threads = self.router.threads
@@ -83,6 +90,10 @@ class FusedRouteMetadata:
         self.meta = MetadataIndices(E, k, capacity=capacity, padded=padded, renormalize=renormalize_after_drop,
                                     threads=self.threads, align=align)
         self.E, self.k = E, k
+        # up to this many (token, slot) pairs in one tile, dropless, unpadded and unaligned:
+        # the direct metadata (no scan, no barrier after the route's); 0: never
+        plain = not capacity and not padded and align == 1
+        self.direct_pairs = min(direct_pairs, self.threads, self.tile * k) if plain else 0
         self.smem_bytes = self.meta.smem_bytes + 4 * (hist_cols(E) + self.tile * k) + 16 + 3 * 16
 
     @cute.jit
@@ -113,11 +124,74 @@ class FusedRouteMetadata:
         cute.arch.sync_threads()
         last = take_ticket(mHist, mTicket, bidx, tidx, sHist, sFlag, self.threads)
         if last != 0:
+            T = mIds.shape[0]
             local = Int32(0)
             if nb == 1:
                 local = Int32(1)
-            self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
-                           mIds.shape[0], cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
+                if const_expr(self.direct_pairs > 0):
+                    if T * self.k <= self.direct_pairs:
+                        local = Int32(2)
+            if local == 2:
+                self.direct(mCounts, mOffsets, mRouted, mGather, mScatter, T * self.k, tidx, sHist, sIds)
+            else:
+                self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
+                               T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
+
+    @cute.jit
+    def direct(self, mCounts: cute.Tensor, mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor,
+               mScatter: cute.Tensor, P: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor):
+        """The dropless metadata of ``P <= direct_pairs`` pairs routed by this CTA (their experts
+        in ``sIds``, flat in token order, their counts in ``sHist``): pair ``a``'s row is the
+        number of pairs before it in expert-then-token order, and expert ``e``'s offset the
+        number of pairs of lower experts, each counted over the P pairs in shared memory
+        (no scan, no barrier). Thread ``a`` writes pair ``a``'s indices, thread ``e`` expert
+        ``e``'s counts and offset; the rows past the pairs get -1."""
+        E, k, NT = self.E, self.k, self.threads
+        ea = Int32(-1)
+        if tidx < P:
+            ea = sIds[tidx]
+        row, off, valid = self.count_pairs(sIds, P, tidx, ea, tidx)
+        if tidx < P:
+            t = tidx // k
+            if ea < 0:
+                row = Int32(-1)
+            else:
+                mGather[row] = t
+            mScatter[t, tidx - t * k] = row
+        for e in cutlass.range(tidx, E, NT, unroll=1):
+            if e != tidx:  # more experts than threads: this thread's next one
+                _, off, _ = self.count_pairs(sIds, P, tidx, Int32(-1), e)
+            c = sHist[e]
+            mCounts[e] = c
+            mRouted[e] = c
+            mOffsets[e] = off
+        if tidx == 0:
+            mOffsets[E] = valid
+        for r in cutlass.range(valid + tidx, mGather.shape[0], NT, unroll=1):
+            mGather[r] = -1
+
+    @cute.jit
+    def count_pairs(self, sIds: cute.Tensor, P: Int32, a: Int32, ea: Int32, e: Int32):
+        """Over the P pairs in ``sIds``: (the pairs before pair ``a`` of expert ``ea`` in
+        expert-then-token order, the pairs of experts below ``e``, the pairs with an expert).
+        A pair's key is ``(expert & 2047) << 10 | pair`` (an empty slot, -1, sorts after every
+        expert; experts < 1024, pairs <= 1024), so each count is one compare a pair, without a
+        branch: the loads of a chunk of DIRECT_CHUNK pairs are in flight together, a chunk past
+        P is skipped, a pair past P in the last chunk counts as empty."""
+        row = Int32(0)
+        off = Int32(0)
+        valid = Int32(0)
+        key_a = ((ea & EMPTY) << 10) | a
+        for c in cutlass.range_constexpr(-(-self.direct_pairs // DIRECT_CHUNK)):
+            if c * DIRECT_CHUNK < P:
+                for i in cutlass.range_constexpr(DIRECT_CHUNK):
+                    b = c * DIRECT_CHUNK + i
+                    if const_expr(b < self.direct_pairs):
+                        eb = cutlass.select_(b < P, sIds[b] & EMPTY, Int32(EMPTY))
+                        row += cutlass.select_(((eb << 10) | b) < key_a, Int32(1), Int32(0))
+                        off += cutlass.select_(eb < e, Int32(1), Int32(0))
+                        valid += cutlass.select_(eb < self.E, Int32(1), Int32(0))
+        return row, off, valid
 
 
 class FusedMetadata:
@@ -208,15 +282,17 @@ def ticket(device: torch.device) -> torch.Tensor | None:
 
 
 def compile_route_metadata(dtype, E: int, k: int, capacity: bool, padded: bool, drop_renorm: bool, align: int,
-                           threads: int, **router):
+                           threads: int, direct_pairs: int = DIRECT_PAIRS, **router):
     """The compiled one-launch route + metadata for a CuTeDSL dtype, E, k, the metadata's static
-    options (``drop_renorm``: renormalise over the kept slots) and the router's (TopKRouter)."""
-    key = ("route_metadata", dtype, E, k, capacity, padded, drop_renorm, align, threads, tuple(sorted(router.items())))
+    options (``drop_renorm``: renormalise over the kept slots; ``direct_pairs``, see
+    :class:`FusedRouteMetadata`) and the router's (TopKRouter)."""
+    key = ("route_metadata", dtype, E, k, capacity, padded, drop_renorm, align, threads, direct_pairs,
+           tuple(sorted(router.items())))
 
     def build():
         T, B, R = cute.sym_int(), cute.sym_int(), cute.sym_int()
         op = FusedRouteMetadata(dtype, E, k, capacity=capacity, padded=padded, renormalize_after_drop=drop_renorm,
-                                align=align, threads=threads, **router)
+                                align=align, threads=threads, direct_pairs=direct_pairs, **router)
         return cute.compile(op, fake_logits(dtype, T, E), fake_vector(Float32, E), fake_table(Int32, T, k, VEC_BYTES),
                             fake_table(Float32, T, k, VEC_BYTES), fake_hist(B, E), fake_hist_words(B, E), fake_vector(Int32, E),
                             fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, R),
@@ -267,9 +343,11 @@ def fits(op) -> bool:
 
 def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: int, num_rows: int,
                    capacity: int | None = None, padded: bool = False, drop_renorm: bool = False, align: int = 1,
-                   threads: int = DECODE_THREADS, **router):
+                   threads: int = DECODE_THREADS, direct_pairs: int = DIRECT_PAIRS, **router):
     """(ids, weights, counts, offsets, routed, gather, scatter, kept_w) in one launch, or None
     where the one-launch path does not apply now (a capture on a stream with no counter yet).
+    Up to ``direct_pairs`` (token, slot) pairs in one CTA, dropless, the metadata is written
+    without the scan (:meth:`FusedRouteMetadata.direct`; 0: never).
 
     ``logits`` [T, E] contiguous, 16-byte aligned, T >= 1; ``router`` as TopKRouter's static
     options (the caller has checked them, see ``moebench.impls.cute_impl``)."""
@@ -278,7 +356,7 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     dtype = TORCH_TO_CUTE[logits.dtype]
     statics = (dtype, E, k, capacity is not None, padded, drop_renorm and capacity is not None, align, threads)
     op = plan(FusedRouteMetadata, dtype, E, k, capacity=statics[3], padded=padded, renormalize_after_drop=statics[5],
-              align=align, threads=threads, **router)
+              align=align, threads=threads, direct_pairs=direct_pairs, **router)
     if not fits(op):
         return None
     tiles = -(-T // op.tile)
@@ -286,7 +364,7 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     ctr = ticket(dev) if tiles > 1 else None
     if tiles > 1 and ctr is None:
         return None
-    fn = compile_route_metadata(*statics, **router)
+    fn = compile_route_metadata(*statics, direct_pairs=direct_pairs, **router)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     hist = torch.empty(tiles, hist_cols(E), dtype=torch.int16, device=dev)

@@ -117,6 +117,18 @@ def test_route_metadata_one_launch_tunings(threads, max_per_lane, one_launch):
                                   what=f"T={T} {cap}")
 
 
+@pytest.mark.parametrize("direct_pairs", [0, 40, 128, 256])
+@pytest.mark.parametrize("E,k", [(256, 8), (128, 4), (8, 2)])
+def test_route_metadata_direct_bound(direct_pairs, E, k, one_launch):
+    """The scan-free metadata (up to impl.decode_direct_pairs pairs in one CTA, a last chunk
+    cut short at 40) and the scan on either side of the bound: the same metadata."""
+    im = CuteImpl(decode_direct_pairs=direct_pairs, **ONE_LAUNCH)
+    for T in [1, 2, 3, 4, 5, 9, 10, 16, 17, 31, 32, 33]:
+        for kind in ("zipf", "hot", "ties"):
+            _check_route_metadata(im, _logits(kind, T, E, seed=T + direct_pairs), k, R.RouterSpec(), DROPLESS,
+                                  what=f"T={T} {kind}")
+
+
 def test_route_metadata_above_the_decode_limit_takes_two_launches():
     im = CuteImpl(decode_tokens=64)
     for T in [64, 65, 1500]:
