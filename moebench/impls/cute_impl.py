@@ -18,7 +18,8 @@ What runs
   once (the strict bytes), and writes it to its slots' rows; when the metadata may hold
   empty rows (a capacity, padding) the same launch zeros them from ``gather_idx``.
   ``scatter_per_slot`` picks one row group per (token, slot) (true) or per token (false);
-  ``auto``: per slot for rows of 8 KB or more. ``pack_mode=gather`` copies each packed
+  ``auto``: per slot for rows of 8 KB or more, and for shorter rows where the (token, slot)
+  pairs are fewer than ``FEW_CTAS`` (a decode batch). ``pack_mode=gather`` copies each packed
   row from its token (``x`` read once per slot: slower, 55-70 % of copy against ~87 %).
   ``auto`` takes scatter whenever it applies (S <= 16 slots), gather otherwise.
 * ``pack_fp8`` (``bench.quant``): the scatter pack quantizing each 128-channel block to FP8
