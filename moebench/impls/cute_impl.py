@@ -346,7 +346,8 @@ class CuteImpl(Impl):
         tune = {key: v for key, v in self.router_tune.items() if key != "threads"}
         res = _kernels().decode.route_metadata(
             logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
-            threads=self.decode_threads, direct_pairs=self.decode_direct_pairs, **dict(static, has_bias=bias is not None), **tune)
+            threads=self.decode_threads, direct_pairs=self.decode_direct_pairs,
+            **dict(static, has_bias=bias is not None), **tune)
         if res is None:  # too much shared memory, or captured on a stream with no ticket counter yet
             return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)
         ids, w, *meta = res

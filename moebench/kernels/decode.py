@@ -370,7 +370,7 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     ctr = ticket(dev) if tiles > 1 else None
     if tiles > 1 and ctr is None:
         return None
-    fn = compile_route_metadata(*statics, direct_pairs=direct_pairs, **router)
+    fn = compile_route_metadata(*statics, direct_pairs=op.direct_pairs, **router)  # the bound in effect: one key
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     hist = torch.empty(tiles, hist_cols(E), dtype=torch.int16, device=dev)

@@ -241,9 +241,10 @@ def scatter_tuning(dtype, H: int, per_slot: bool | None = None, pairs: int | Non
     """The scatter kernel's default: one row group per (token, slot) for rows of at least
     PER_SLOT_MIN_ROW_BYTES, and for shorter rows where the ``pairs`` (token, slot) pairs are
     fewer than FEW_CTAS (a decode batch: per token its grid would be a few CTAs); per token
-    otherwise. H200, rotated (runs/sample/h200_s11): qwen3_30b_a3b_decode (4 KB rows) T 1 / 2 /
+    otherwise. H200, rotated (runs/sample/h200_s11, call 5: per token against
+    ``impl.scatter_per_slot=true``): qwen3_30b_a3b_decode (4 KB rows) T 1 / 2 /
     16: 2.11 / 2.63 / 2.74 -> 2.02 / 2.04 / 2.22 us, gpt_oss_120b_decode (5.6 KB) 1.88 / 1.94 /
-    2.05 -> 1.83 / 1.86 / 2.00; at T 128 (1024 and 512 pairs) per slot lost at gpt_oss (2.50 ->
+    2.04 -> 1.83 / 1.86 / 2.00; at T 128 (1024 and 512 pairs) per slot lost at gpt_oss (2.50 ->
     2.73), tied at qwen3."""
     if per_slot is None:
         per_slot = H * dtype.width // 8 >= PER_SLOT_MIN_ROW_BYTES or (pairs is not None and pairs < FEW_CTAS)
