@@ -202,10 +202,29 @@ def test_direct_metadata_only_dropless_unaligned(E, k, threads, meta, direct):
         assert op.direct_pairs <= min(op.threads, op.tile * k)
 
 
-@pytest.mark.parametrize("direct_pairs", [0, 40, 128])
-def test_fused_route_metadata_direct_pairs_compile(direct_pairs):
+@pytest.mark.parametrize("E,k,meta,warp", [
+    (256, 8, {}, 0), (256, 8, {"warp_pairs": 256}, 256), (128, 4, {"warp_pairs": 256}, 256),
+    (8, 2, {"warp_pairs": 256}, 256), (128, 8, {"threads": 128, "warp_pairs": 256}, 128),  # capped at the threads
+    (1024, 16, {"warp_pairs": 256}, 0), (384, 8, {"warp_pairs": 256}, 0),  # more experts than threads: the scan
+    (256, 8, {"warp_pairs": 100}, 100), (256, 8, {"warp_pairs": 32}, 0),
+    (256, 8, {"direct_pairs": 256, "warp_pairs": 256}, 0),  # not above the direct bound: off
+    (256, 8, {"capacity": True, "warp_pairs": 256}, 0), (256, 8, {"align": 16, "warp_pairs": 256}, 0)])
+def test_warp_ranked_metadata_bound(E, k, meta, warp):
+    """The warp-ranked metadata: dropless, unpadded, align 1, E at most the threads, above the
+    direct bound, at most one pair per thread and one tile's pairs."""
+    static = dict(router_static(R.RouterSpec(), k, E, False), has_bias=False, max_per_lane=32, prefetch=True)
+    op = kd.FusedRouteMetadata(BF16, E, k, **{"threads": 256, **meta}, **static)
+    assert op.warp_pairs == warp
+    if warp:
+        assert op.direct_pairs < op.warp_pairs <= min(op.threads, op.tile * k)
+        assert kd.fits(op)
+
+
+@pytest.mark.parametrize("direct_pairs,warp_pairs", [(0, 0), (40, 0), (128, 0), (32, 256), (0, 256), (32, 100)])
+def test_fused_route_metadata_direct_pairs_compile(direct_pairs, warp_pairs):
     k, static = _router(R.RouterSpec(), 128, 8, False)
-    fn = kd.compile_route_metadata(BF16, 128, k, False, False, False, 1, 256, direct_pairs=direct_pairs, **static)
+    fn = kd.compile_route_metadata(BF16, 128, k, False, False, False, 1, 256, direct_pairs=direct_pairs,
+                                   warp_pairs=warp_pairs, **static)
     assert fn is not None and _sm90a(fn)
 
 
@@ -224,7 +243,8 @@ def test_impl_decode_options():
                     ({"decode_threads": 96}, "decode_threads"), ({"split_ctas": True}, "split_ctas"),
                     ({"split_ctas": 1.5}, "split_ctas"), ({"prefetch_mb": -1}, "prefetch_mb"),
                     ({"prefetch_mb": True}, "prefetch_mb"), ({"decode_direct_pairs": -1}, "decode_direct_pairs"),
-                    ({"decode_direct_pairs": 2048}, "decode_direct_pairs")]:
+                    ({"decode_direct_pairs": 2048}, "decode_direct_pairs"),
+                    ({"decode_warp_pairs": -1}, "decode_warp_pairs"), ({"decode_warp_pairs": "all"}, "decode_warp_pairs")]:
         with pytest.raises(ConfigError, match=msg):
             CuteImpl(**kw)
     assert CuteImpl(decode_direct_pairs=0).decode_direct_pairs == 0
@@ -239,5 +259,6 @@ def test_the_impl_defaults_are_the_kernels():
     assert cute_impl.PREFETCH_MB << 20 == kc.PREFETCH_BYTES
     assert cute_impl.DECODE_THREADS == kd.DECODE_THREADS
     assert cute_impl.DIRECT_PAIRS == kd.DIRECT_PAIRS == CuteConfig().decode_direct_pairs
+    assert cute_impl.WARP_PAIRS == kd.WARP_PAIRS == CuteConfig().decode_warp_pairs
     c = CuteConfig()
     assert (c.split_ctas, c.decode_threads) == (common.SPLIT_CTAS, kd.DECODE_THREADS)

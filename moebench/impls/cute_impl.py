@@ -74,6 +74,10 @@ DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
 #: up to this many (token, slot) pairs in one CTA the one-launch metadata is written without the
 #: scan (kernels/decode.py, FusedRouteMetadata.direct)
 DIRECT_PAIRS = 32
+#: above that, up to this many pairs in one CTA (dropless, unaligned, E at most decode_threads),
+#: it is written with warp ranks and one barrier (FusedRouteMetadata.warp_ranks); off (0) until
+#: it has run and been timed on a GPU
+WARP_PAIRS = 0
 #: combine: packed rows of at most this many MiB in all are prefetched into the L2, and at most
 #: this many packed rows are staged whole in shared memory instead (kernels/combine.py)
 PREFETCH_MB, STAGE_ROWS, MAX_STAGE_ROWS = 8, 8, 12
@@ -117,6 +121,9 @@ class CuteConfig(ImplConfig):
     #: decode: up to this many (token, slot) pairs in one CTA (at most decode_threads),
     #: dropless and unaligned, the one-launch metadata is written without the scan (0: never)
     decode_direct_pairs: int = DIRECT_PAIRS
+    #: decode: above decode_direct_pairs, up to this many pairs in one CTA (dropless, unaligned,
+    #: E at most decode_threads) the one-launch metadata is ranked per warp, one barrier (0: never)
+    decode_warp_pairs: int = WARP_PAIRS
     #: pack / combine grids of fewer CTAs than this are split along the rows (0: never)
     split_ctas: int = SPLIT_CTAS
     #: combine: packed rows of at most this many MiB in all are prefetched into the L2 (0: never)
@@ -145,6 +152,7 @@ class CuteConfig(ImplConfig):
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
         for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("decode_direct_pairs", max(THREADS)),
+                         ("decode_warp_pairs", max(THREADS)),
                          ("split_ctas", 1 << 20), ("prefetch_mb", 1024), ("stage_rows", MAX_STAGE_ROWS)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
@@ -210,6 +218,7 @@ class CuteImpl(Impl):
         self.router_tune = config.router_tune
         self.decode_tokens, self.decode_threads = config.decode_tokens, config.decode_threads
         self.decode_direct_pairs = config.decode_direct_pairs
+        self.decode_warp_pairs = config.decode_warp_pairs
         self.split_ctas = config.split_ctas
         self.prefetch_bytes = config.prefetch_mb << 20
         self.stage_rows = config.stage_rows
@@ -347,6 +356,7 @@ class CuteImpl(Impl):
         res = _kernels().decode.route_metadata(
             logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
             threads=self.decode_threads, direct_pairs=self.decode_direct_pairs,
+            warp_pairs=self.decode_warp_pairs,
             **dict(static, has_bias=bias is not None), **tune)
         if res is None:  # too much shared memory, or captured on a stream with no ticket counter yet
             return super().route_metadata(logits, k, router, bias, num_experts, capacity, num_rows)

@@ -14,7 +14,11 @@ phase of a multi-CTA scan and every round trip to memory is microseconds. Two ke
       the pairs in shared memory, no scan and no barrier after the route's (H200, rotated,
       logits -> metadata at T 1: deepseek_v3 4.20 -> 3.27 us, qwen3_30b_a3b 3.82 -> 2.93,
       gpt_oss_120b 3.51 -> 2.86; every thread compares every pair, so from 64 pairs the scan
-      is faster: runs/sample/h200_s11).
+      is faster: runs/sample/h200_s11). Above that, up to ``warp_pairs`` pairs (E at most the
+      threads): :meth:`FusedRouteMetadata.warp_ranks`, a pair's rank from a ``match.any`` in
+      its warp and the per-warp counts of the warps before it, the offsets from a warp scan
+      of the counts: one barrier instead of the scan's phases (impl.decode_warp_pairs, off by
+      default: written in the twelfth session, compiled for sm_90a, not yet run on a GPU).
     * More tiles: each CTA writes its histogram row, fences (``fence.acq_rel.gpu``) and takes a
       ticket (an ``atom.add.acq_rel.gpu`` on an int32 counter, :func:`ticket`); the CTA that draws the
       last ticket fences again, resets the counter to 0 for the next launch and builds the
@@ -47,6 +51,10 @@ from moebench.kernels.router import TopKRouter
 #: most (token, slot) pairs of one CTA whose dropless metadata the route kernel writes directly,
 #: without the scan (impl.decode_direct_pairs; capped at the CTA's threads and tile)
 DIRECT_PAIRS = 32
+#: most pairs of one CTA whose dropless metadata the route kernel writes with warp ranks
+#: (impl.decode_warp_pairs; above direct_pairs, capped at the CTA's threads and tile; needs E
+#: at most the threads). Off (0) by default: not yet run or timed on a GPU (twelfth session)
+WARP_PAIRS = 0
 #: pairs a thread counts per step of the direct metadata (loads in flight together)
 DIRECT_CHUNK = 16
 EMPTY = 2047  # an empty slot's (-1) expert bits in the direct metadata's keys
@@ -88,7 +96,8 @@ class FusedRouteMetadata:
 
     def __init__(self, dtype, E: int, k: int, *, capacity: bool = False, padded: bool = False,
                  renormalize_after_drop: bool = False, align: int = 1, threads: int = 256,
-                 max_per_lane: int = 0, prefetch: bool = True, direct_pairs: int = DIRECT_PAIRS, **router_static):
+                 max_per_lane: int = 0, prefetch: bool = True, direct_pairs: int = DIRECT_PAIRS,
+                 warp_pairs: int = WARP_PAIRS, **router_static):
         self.router = TopKRouter(dtype, E, k, threads=threads, max_per_lane=max_per_lane, prefetch=prefetch,
                                  **router_static)
         self.threads = self.router.threads
@@ -100,7 +109,14 @@ class FusedRouteMetadata:
         # the direct metadata (no scan, no barrier after the route's); 0: never
         plain = not capacity and not padded and align == 1
         self.direct_pairs = min(direct_pairs, self.threads, self.tile * k) if plain else 0
-        self.smem_bytes = self.meta.smem_bytes + 4 * (hist_cols(E) + self.tile * k) + 16 + 3 * 16
+        # above direct_pairs, up to this many: the warp-ranked metadata (one barrier); 0: never
+        self.warp_pairs = min(warp_pairs, self.threads, self.tile * k) if plain and E <= self.threads else 0
+        if self.warp_pairs <= self.direct_pairs:
+            self.warp_pairs = 0
+        self.warps = self.threads // 32
+        warp_words = (self.warps * E + E + 32) if self.warp_pairs else 0  # per-warp counts, scan, warp sums
+        self.smem_bytes = (self.meta.smem_bytes + 4 * (hist_cols(E) + self.tile * k) + 16 + 3 * 16
+                           + 4 * warp_words + (16 if warp_words else 0))
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
@@ -124,7 +140,16 @@ class FusedRouteMetadata:
         sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(self.E)), byte_alignment=16)
         sIds = smem.allocate_tensor(Int32, cute.make_layout(self.tile * self.k), byte_alignment=16)
         sFlag = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)
+        sWarp = None
         clear_hist(sHist, tidx, self.threads)
+        if const_expr(self.warp_pairs > 0):  # the warp ranks' per-warp counts start at 0
+            sWarp = smem.allocate_tensor(Int32, cute.make_layout(self.warps * self.E + self.E + 32),
+                                         byte_alignment=16)
+            P = mIds.shape[0] * self.k
+            if nb == 1:
+                if P <= self.warp_pairs and P > self.direct_pairs:
+                    for i in cutlass.range(tidx, self.warps * self.E, self.threads, unroll=1):
+                        sWarp[i] = 0
         cute.arch.sync_threads()
         self.router.route_tile(mLogits, mBias, mIds, mWeights, Int32(self.tile), bidx, tidx, sHist, sIds)
         cute.arch.sync_threads()
@@ -134,14 +159,25 @@ class FusedRouteMetadata:
             local = Int32(0)
             if nb == 1:
                 local = Int32(1)
+                if const_expr(self.warp_pairs > 0):
+                    if T * self.k <= self.warp_pairs:
+                        local = Int32(3)
                 if const_expr(self.direct_pairs > 0):
                     if T * self.k <= self.direct_pairs:
                         local = Int32(2)
             if local == 2:
                 self.direct(mCounts, mOffsets, mRouted, mGather, mScatter, T * self.k, tidx, sHist, sIds)
             else:
-                self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
-                               T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
+                if const_expr(self.warp_pairs > 0):
+                    if local == 3:
+                        self.warp_ranks(mCounts, mOffsets, mRouted, mGather, mScatter, T * self.k, tidx, sHist,
+                                        sIds, sWarp)
+                    else:
+                        self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter,
+                                       mKeptW, T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
+                else:
+                    self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
+                                   T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
 
     @cute.jit
     def direct(self, mCounts: cute.Tensor, mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor,
@@ -171,6 +207,65 @@ class FusedRouteMetadata:
             mCounts[e] = c
             mRouted[e] = c
             mOffsets[e] = off
+        if tidx == 0:
+            mOffsets[E] = valid
+        for r in cutlass.range(valid + tidx, mGather.shape[0], NT, unroll=1):
+            mGather[r] = -1
+
+    @cute.jit
+    def warp_ranks(self, mCounts: cute.Tensor, mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor,
+                   mScatter: cute.Tensor, P: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor,
+                   sWarp: cute.Tensor):
+        """The dropless metadata of ``P <= warp_pairs`` pairs routed by this CTA, pair ``a`` on
+        thread ``a``, one barrier: a pair's rank among its expert's pairs of its own warp is a
+        ``match.any`` (the lanes below it holding the same expert), and among the warps before
+        it the per-warp counts its expert's lowest lane left in shared memory (``sWarp[w * E +
+        e]``, zeroed at the kernel's start); the expert offsets are a warp scan over the counts
+        in ``sHist`` (thread ``e``, E <= threads) plus the sums of the warps of lower experts."""
+        E, k, NT, NW = self.E, self.k, self.threads, self.warps
+        EW = -(-E // 32)  # warps of experts
+        lane = tidx % 32
+        w = tidx // 32
+        ea = Int32(-1)
+        if tidx < P:
+            ea = sIds[tidx]
+        m = cute.arch.match_sync(0xFFFFFFFF, ea)  # every lane: lanes past P hold -1 like an empty slot
+        below = m & cute.arch.lanemask_lt()
+        if tidx < P:
+            if ea >= 0:
+                if below == 0:  # the expert's lowest lane in this warp: the warp's count
+                    sWarp[w * E + ea] = cute.arch.popc(m).to(Int32)
+        c = Int32(0)
+        if tidx < E:
+            c = sHist[tidx]
+        inc, _ = self.meta.warp_scan(c, Int32(0), lane, False)
+        if tidx < E:
+            sWarp[NW * E + tidx] = inc - c
+        if lane == 31:
+            if w < EW:
+                sWarp[NW * E + E + w] = inc
+        cute.arch.sync_threads()
+        valid = Int32(0)
+        for j in cutlass.range_constexpr(EW):
+            valid += sWarp[NW * E + E + j]
+        if tidx < P:
+            t = tidx // k
+            row = Int32(-1)
+            if ea >= 0:
+                row = sWarp[NW * E + ea] + cute.arch.popc(below).to(Int32)
+                for j in cutlass.range_constexpr(EW):
+                    row += cutlass.select_(j < (ea >> 5), sWarp[NW * E + E + j], Int32(0))
+                for v in cutlass.range_constexpr(NW - 1):
+                    row += cutlass.select_(v < w, sWarp[v * E + ea], Int32(0))
+                mGather[row] = t
+            mScatter[t, tidx - t * k] = row
+        if tidx < E:
+            off = sWarp[NW * E + tidx]
+            for j in cutlass.range_constexpr(EW):
+                off += cutlass.select_(j < w, sWarp[NW * E + E + j], Int32(0))
+            mCounts[tidx] = c
+            mRouted[tidx] = c
+            mOffsets[tidx] = off
         if tidx == 0:
             mOffsets[E] = valid
         for r in cutlass.range(valid + tidx, mGather.shape[0], NT, unroll=1):
@@ -288,17 +383,18 @@ def ticket(device: torch.device) -> torch.Tensor | None:
 
 
 def compile_route_metadata(dtype, E: int, k: int, capacity: bool, padded: bool, drop_renorm: bool, align: int,
-                           threads: int, direct_pairs: int = DIRECT_PAIRS, **router):
+                           threads: int, direct_pairs: int = DIRECT_PAIRS, warp_pairs: int = WARP_PAIRS, **router):
     """The compiled one-launch route + metadata for a CuTeDSL dtype, E, k, the metadata's static
-    options (``drop_renorm``: renormalise over the kept slots; ``direct_pairs``, see
-    :class:`FusedRouteMetadata`) and the router's (TopKRouter)."""
-    key = ("route_metadata", dtype, E, k, capacity, padded, drop_renorm, align, threads, direct_pairs,
+    options (``drop_renorm``: renormalise over the kept slots; ``direct_pairs``, ``warp_pairs``,
+    see :class:`FusedRouteMetadata`) and the router's (TopKRouter)."""
+    key = ("route_metadata", dtype, E, k, capacity, padded, drop_renorm, align, threads, direct_pairs, warp_pairs,
            tuple(sorted(router.items())))
 
     def build():
         T, B, R = cute.sym_int(), cute.sym_int(), cute.sym_int()
         op = FusedRouteMetadata(dtype, E, k, capacity=capacity, padded=padded, renormalize_after_drop=drop_renorm,
-                                align=align, threads=threads, direct_pairs=direct_pairs, **router)
+                                align=align, threads=threads, direct_pairs=direct_pairs, warp_pairs=warp_pairs,
+                                **router)
         return cute.compile(op, fake_logits(dtype, T, E), fake_vector(Float32, E), fake_table(Int32, T, k, VEC_BYTES),
                             fake_table(Float32, T, k, VEC_BYTES), fake_hist(B, E), fake_hist_words(B, E), fake_vector(Int32, E),
                             fake_vector(Int32, E + 1), fake_vector(Int32, E), fake_vector(Int32, R),
@@ -349,7 +445,8 @@ def fits(op) -> bool:
 
 def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: int, num_rows: int,
                    capacity: int | None = None, padded: bool = False, drop_renorm: bool = False, align: int = 1,
-                   threads: int = DECODE_THREADS, direct_pairs: int = DIRECT_PAIRS, **router):
+                   threads: int = DECODE_THREADS, direct_pairs: int = DIRECT_PAIRS, warp_pairs: int = WARP_PAIRS,
+                   **router):
     """(ids, weights, counts, offsets, routed, gather, scatter, kept_w) in one launch, or None
     where the one-launch path does not apply now (a capture on a stream with no counter yet).
     Up to ``direct_pairs`` (token, slot) pairs in one CTA, dropless, the metadata is written
@@ -362,7 +459,7 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     dtype = TORCH_TO_CUTE[logits.dtype]
     statics = (dtype, E, k, capacity is not None, padded, drop_renorm and capacity is not None, align, threads)
     op = plan(FusedRouteMetadata, dtype, E, k, capacity=statics[3], padded=padded, renormalize_after_drop=statics[5],
-              align=align, threads=threads, direct_pairs=direct_pairs, **router)
+              align=align, threads=threads, direct_pairs=direct_pairs, warp_pairs=warp_pairs, **router)
     if not fits(op):
         return None
     tiles = -(-T // op.tile)
@@ -370,7 +467,8 @@ def route_metadata(logits: torch.Tensor, k: int, bias: torch.Tensor | None, E: i
     ctr = ticket(dev) if tiles > 1 else None
     if tiles > 1 and ctr is None:
         return None
-    fn = compile_route_metadata(*statics, direct_pairs=op.direct_pairs, **router)  # the bound in effect: one key
+    fn = compile_route_metadata(*statics, direct_pairs=op.direct_pairs, warp_pairs=op.warp_pairs,
+                                **router)  # the bounds in effect: one key
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     hist = torch.empty(tiles, hist_cols(E), dtype=torch.int16, device=dev)

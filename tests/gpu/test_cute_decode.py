@@ -117,16 +117,18 @@ def test_route_metadata_one_launch_tunings(threads, max_per_lane, one_launch):
                                   what=f"T={T} {cap}")
 
 
-@pytest.mark.parametrize("direct_pairs", [0, 40, 128, 256])
+@pytest.mark.parametrize("direct_pairs,warp_pairs", [(0, 0), (40, 0), (128, 0), (256, 0), (0, 256), (32, 256),
+                                                    (32, 100)])
 @pytest.mark.parametrize("E,k", [(256, 8), (128, 4), (8, 2)])
-def test_route_metadata_direct_bound(direct_pairs, E, k, one_launch):
-    """The scan-free metadata (up to impl.decode_direct_pairs pairs in one CTA, a last chunk
-    cut short at 40) and the scan on either side of the bound: the same metadata."""
-    im = CuteImpl(decode_direct_pairs=direct_pairs, **ONE_LAUNCH)
-    for T in [1, 2, 3, 4, 5, 9, 10, 16, 17, 31, 32, 33]:
+def test_route_metadata_direct_bound(direct_pairs, warp_pairs, E, k, one_launch):
+    """The scan-free metadata of one CTA (up to impl.decode_direct_pairs pairs counted, a last
+    chunk cut short at 40; up to impl.decode_warp_pairs ranked per warp, a last warp cut short
+    at 100) and the scan on either side of each bound: the same metadata."""
+    im = CuteImpl(decode_direct_pairs=direct_pairs, decode_warp_pairs=warp_pairs, **ONE_LAUNCH)
+    for T in [1, 2, 3, 4, 5, 9, 10, 12, 13, 16, 17, 25, 31, 32, 33, 48, 63, 64, 65, 100, 128, 129]:
         for kind in ("zipf", "hot", "ties"):
-            _check_route_metadata(im, _logits(kind, T, E, seed=T + direct_pairs), k, R.RouterSpec(), DROPLESS,
-                                  what=f"T={T} {kind}")
+            _check_route_metadata(im, _logits(kind, T, E, seed=T + direct_pairs + warp_pairs), k, R.RouterSpec(),
+                                  DROPLESS, what=f"T={T} {kind}")
 
 
 def test_route_metadata_above_the_decode_limit_takes_two_launches():
