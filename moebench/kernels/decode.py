@@ -203,13 +203,23 @@ class FusedRouteMetadata:
         for e in cutlass.range(tidx, E, NT, unroll=1):
             if e != tidx:  # more experts than threads: this thread's next one
                 _, off, _ = self.count_pairs(sIds, P, tidx, Int32(-1), e)
-            c = sHist[e]
-            mCounts[e] = c
-            mRouted[e] = c
-            mOffsets[e] = off
+            self.expert_out(mCounts, mRouted, mOffsets, e, sHist[e], off)
+        self.rows_tail(mOffsets, mGather, valid, tidx)
+
+    @cute.jit
+    def expert_out(self, mCounts: cute.Tensor, mRouted: cute.Tensor, mOffsets: cute.Tensor, e: Int32, c: Int32,
+                   off: Int32):
+        """Expert ``e``'s count (dropless: all routed) and offset."""
+        mCounts[e] = c
+        mRouted[e] = c
+        mOffsets[e] = off
+
+    @cute.jit
+    def rows_tail(self, mOffsets: cute.Tensor, mGather: cute.Tensor, valid: Int32, tidx: Int32):
+        """The offsets' end and -1 in the rows past the ``valid`` pairs (all threads call)."""
         if tidx == 0:
-            mOffsets[E] = valid
-        for r in cutlass.range(valid + tidx, mGather.shape[0], NT, unroll=1):
+            mOffsets[self.E] = valid
+        for r in cutlass.range(valid + tidx, mGather.shape[0], self.threads, unroll=1):
             mGather[r] = -1
 
     @cute.jit
@@ -222,7 +232,7 @@ class FusedRouteMetadata:
         it the per-warp counts its expert's lowest lane left in shared memory (``sWarp[w * E +
         e]``, zeroed at the kernel's start); the expert offsets are a warp scan over the counts
         in ``sHist`` (thread ``e``, E <= threads) plus the sums of the warps of lower experts."""
-        E, k, NT, NW = self.E, self.k, self.threads, self.warps
+        E, k, NW = self.E, self.k, self.warps
         EW = -(-E // 32)  # warps of experts
         lane = tidx % 32
         w = tidx // 32
@@ -263,13 +273,8 @@ class FusedRouteMetadata:
             off = sWarp[NW * E + tidx]
             for j in cutlass.range_constexpr(EW):
                 off += cutlass.select_(j < w, sWarp[NW * E + E + j], Int32(0))
-            mCounts[tidx] = c
-            mRouted[tidx] = c
-            mOffsets[tidx] = off
-        if tidx == 0:
-            mOffsets[E] = valid
-        for r in cutlass.range(valid + tidx, mGather.shape[0], NT, unroll=1):
-            mGather[r] = -1
+            self.expert_out(mCounts, mRouted, mOffsets, tidx, c, off)
+        self.rows_tail(mOffsets, mGather, valid, tidx)
 
     @cute.jit
     def count_pairs(self, sIds: cute.Tensor, P: Int32, a: Int32, ea: Int32, e: Int32):
