@@ -203,7 +203,7 @@ def test_direct_metadata_only_dropless_unaligned(E, k, threads, meta, direct):
 
 
 @pytest.mark.parametrize("E,k,meta,warp", [
-    (256, 8, {}, 0), (256, 8, {"warp_pairs": 256}, 256), (128, 4, {"warp_pairs": 256}, 256),
+    (256, 8, {}, 256), (256, 8, {"warp_pairs": 256}, 256), (128, 4, {"warp_pairs": 256}, 256),
     (8, 2, {"warp_pairs": 256}, 256), (128, 8, {"threads": 128, "warp_pairs": 256}, 128),  # capped at the threads
     (1024, 16, {"warp_pairs": 256}, 0), (384, 8, {"warp_pairs": 256}, 0),  # more experts than threads: the scan
     (256, 8, {"warp_pairs": 100}, 100), (256, 8, {"warp_pairs": 32}, 0),

@@ -75,9 +75,8 @@ DECODE_TOKENS, DECODE_THREADS, SPLIT_CTAS = 32, 256, 1024
 #: scan (kernels/decode.py, FusedRouteMetadata.direct)
 DIRECT_PAIRS = 32
 #: above that, up to this many pairs in one CTA (dropless, unaligned, E at most decode_threads),
-#: it is written with warp ranks and one barrier (FusedRouteMetadata.warp_ranks); off (0) until
-#: it has run and been timed on a GPU
-WARP_PAIRS = 0
+#: it is written with warp ranks and one barrier (FusedRouteMetadata.warp_ranks)
+WARP_PAIRS = 256
 #: combine: packed rows of at most this many MiB in all are prefetched into the L2, and at most
 #: this many packed rows are staged whole in shared memory instead (kernels/combine.py)
 PREFETCH_MB, STAGE_ROWS, MAX_STAGE_ROWS = 8, 8, 12

@@ -17,8 +17,8 @@ phase of a multi-CTA scan and every round trip to memory is microseconds. Two ke
       is faster: runs/sample/h200_s11). Above that, up to ``warp_pairs`` pairs (E at most the
       threads): :meth:`FusedRouteMetadata.warp_ranks`, a pair's rank from a ``match.any`` in
       its warp and the per-warp counts of the warps before it, the offsets from a warp scan
-      of the counts: one barrier instead of the scan's phases (impl.decode_warp_pairs, off by
-      default: written in the twelfth session, compiled for sm_90a, not yet run on a GPU).
+      of the counts: one barrier instead of the scan's phases (H200, rotated, deepseek_v3 T 8
+      4.30 -> 3.64 us, qwen3_30b_a3b 3.91 -> 3.20: runs/sample/h200_s12).
     * More tiles: each CTA writes its histogram row, fences (``fence.acq_rel.gpu``) and takes a
       ticket (an ``atom.add.acq_rel.gpu`` on an int32 counter, :func:`ticket`); the CTA that draws the
       last ticket fences again, resets the counter to 0 for the next launch and builds the
@@ -53,8 +53,11 @@ from moebench.kernels.router import TopKRouter
 DIRECT_PAIRS = 32
 #: most pairs of one CTA whose dropless metadata the route kernel writes with warp ranks
 #: (impl.decode_warp_pairs; above direct_pairs, capped at the CTA's threads and tile; needs E
-#: at most the threads). Off (0) by default: not yet run or timed on a GPU (twelfth session)
-WARP_PAIRS = 0
+#: at most the threads). H200, rotated, logits -> metadata against the scan (runs/sample/h200_s12,
+#: call 1): deepseek_v3_decode T 8 / 16 / 32 4.30 / 4.35 / 4.85 -> 3.64 / 3.74 / 4.39 us,
+#: qwen3_30b_a3b_decode 3.91 / 3.93 / 3.98 -> 3.20 / 3.26 / 3.54, gpt_oss_120b_decode T 16 / 32
+#: 3.56 / 3.66 -> 3.08 / 3.20
+WARP_PAIRS = 256
 #: pairs a thread counts per step of the direct metadata (loads in flight together)
 DIRECT_CHUNK = 16
 EMPTY = 2047  # an empty slot's (-1) expert bits in the direct metadata's keys
