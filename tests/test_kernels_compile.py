@@ -133,6 +133,16 @@ def test_impl_options_and_unsupported_reasons():
         CuteImpl(cache_hint="evict")
     with pytest.raises(ValueError, match="scatter_per_slot"):
         CuteImpl(scatter_per_slot="sometimes")
+    with pytest.raises(ValueError, match="impl.router_merge='often' is not accepted; accepted: auto, true, false"):
+        CuteImpl(router_merge="often")
+    with pytest.raises(ValueError, match="impl.router_stages=5 is not accepted"):
+        CuteImpl(router_stages=5)
+    with pytest.raises(ValueError, match=r"impl.select_tile=-1 is not accepted; an integer in 0..16384"):
+        CuteImpl(select_tile=-1)
+    from moebench.impls.cute_impl import MERGE_TOKENS
+    tune = CuteImpl().tune_route  # auto: sorting networks up to MERGE_TOKENS tokens
+    assert tune(MERGE_TOKENS)["merge"] and not tune(MERGE_TOKENS + 1)["merge"]
+    assert CuteImpl(router_merge=True).tune_route(16384)["merge"] and not CuteImpl(router_merge=False).tune_route(1)["merge"]
     im = CuteImpl()
     assert im.resolve_pack_mode(8) == "scatter" and im.resolve_pack_mode(128) == "gather"
     with pytest.raises(Unsupported, match="S=128"):

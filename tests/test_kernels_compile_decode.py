@@ -51,11 +51,13 @@ def test_fused_route_metadata_variants_compile(capacity, padded, renorm, align):
     assert kd.compile_route_metadata(BF16, 256, k, capacity, padded, renorm, align, 256, **static) is not None
 
 
-@pytest.mark.parametrize("dtype,threads,max_per_lane,prefetch", [(FP16, 128, 16, False), (FP32, 512, 8, True),
-                                                                 (BF16, 1024, 16, True)])
-def test_fused_route_metadata_tunings_compile(dtype, threads, max_per_lane, prefetch):
+@pytest.mark.parametrize("dtype,threads,max_per_lane,prefetch,merge", [
+    (FP16, 128, 16, False, False), (FP32, 512, 8, True, True), (BF16, 1024, 16, True, False), (BF16, 256, 0, True, True),
+    (FP32, 256, 0, True, True)])
+def test_fused_route_metadata_tunings_compile(dtype, threads, max_per_lane, prefetch, merge):
+    """The one-launch kernel's router tunings, the merge selection (sorting networks) among them."""
     static = dict(router_static(R.RouterSpec(), 8, 256, False), has_bias=False, max_per_lane=max_per_lane,
-                  prefetch=prefetch)
+                  prefetch=prefetch, merge=merge)
     assert kd.compile_route_metadata(dtype, 256, 8, False, False, False, 1, threads, **static) is not None
 
 

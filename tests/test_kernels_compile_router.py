@@ -83,6 +83,34 @@ def test_router_store_vectors_and_the_select_kernel(dtype, E, k, max_per_lane, v
         assert kr.compile_router(dtype, E, k, max_per_lane=max_per_lane, has_bias=False, **static) is not None
 
 
+@pytest.mark.parametrize("dtype,E,k,static", [
+    (FP32, 256, 8, dict(merge=True)), (FP32, 256, 2, dict(merge=True, stages=3)), (BF16, 256, 8, dict(stages=4)),
+    (FP32, 128, 8, dict(merge=True, stages=3)), (BF16, 8, 8, dict(merge=True, stages=2)),
+    (FP16, 160, 6, dict(merge=True)), (FP32, 1000, 16, dict(merge=True, stages=2, threads=256)),
+    (FP32, 64, 3, dict(merge=True))])
+def test_router_merge_and_ring_compile(dtype, E, k, static):
+    """The merge selection (sorting networks over the keys: n = k rounded up to a power of two)
+    and the shared-memory row ring compile for sm_90a, for the route and the select kernel."""
+    op = kr.TopKRouter(dtype, E, k, **static)
+    assert op.merge == static.get("merge", False) and op.keyed
+    assert op.merge_n == 1 << (k - 1).bit_length() and op.stages == static.get("stages", 0)
+    for weight in (dict(weight="prob"), dict(weight="value", hist=False, values_in_dtype=True)):
+        assert kr.compile_router(dtype, E, k, has_bias=False, **static, **weight) is not None
+
+
+def test_router_merge_and_ring_bounds():
+    """Merge needs a lane to hold n keys and the logits selected as they are; a ring that would
+    not fit RING_BYTES takes fewer stages, under 2 none (the rows through registers)."""
+    assert not kr.TopKRouter(BF16, 8, 8, max_per_lane=2, merge=True).merge  # 2 keys a lane, n 8
+    assert not kr.TopKRouter(BF16, 256, 8, score="sigmoid", merge=True).merge
+    assert not kr.TopKRouter(BF16, 256, 8, n_group=8, topk_group=4, merge=True).merge
+    assert kr.TopKRouter(FP32, 8, 2, merge=True).keyed and not kr.TopKRouter(FP32, 8, 2).keyed
+    per_stage = 512 * 32 * 4  # fp32, 512 threads, 32 a lane
+    assert kr.TopKRouter(FP32, 1024, 16, max_per_lane=32, stages=8).stages == kr.RING_BYTES // per_stage == 3
+    assert kr.TopKRouter(FP32, 1024, 16, max_per_lane=32, stages=2).stages == 2
+    assert kr.TopKRouter(FP32, 1024, 16, threads=1024, max_per_lane=32, stages=8).stages == 0  # 1 would fit
+
+
 @pytest.mark.parametrize("E,S,capacity,padded,renorm", [
     (256, 8, False, False, False), (128, 2, True, False, True), (160, 6, True, True, False),
     (1024, 16, False, False, False), (8, 1, True, False, False)])

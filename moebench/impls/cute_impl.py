@@ -65,6 +65,16 @@ INT32_MAX = 2**31 - 1
 
 THREADS = (128, 256, 512, 1024)
 ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32)
+#: the route kernel's shared-memory row ring: steps of rows it holds (0: through registers)
+ROUTER_STAGES = (0, 2, 3, 4, 6, 8)
+#: impl.router_merge=auto selects by sorting networks up to this many tokens, where a call is
+#: one short chain of dependent steps. H200, rotated, same call (runs/sample/h200_s13/call4):
+#: logits -> metadata at T 1-32 0.02-0.13 us faster (deepseek_v3 T 4 3.57 -> 3.47, qwen3 T 32
+#: 3.54 -> 3.42); at T 16384 bf16 E 256 k 8 slower (call 1: route 8.40 -> 8.80, select 7.09 ->
+#: 7.35), fp32 k 2 slower (E 128 route 6.56 -> 7.83), fp32 k 8 even
+MERGE_TOKENS = 32
+#: most tokens a CTA of the select stage takes (impl.select_tile)
+MAX_SELECT_TILE = 16384
 #: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
 #: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
 #: below which rows are split over more CTAs. One launch up to one CTA's tokens (32 at E 256):
@@ -113,6 +123,14 @@ class CuteConfig(ImplConfig):
     router_threads: int = 512
     router_max_per_lane: int = 0
     router_prefetch: bool = True
+    #: the route kernel's rows through a shared-memory ring of this many steps (cp.async, steps
+    #: ahead; 0: through registers, with router_prefetch; not in the one-launch decode kernel)
+    #: and its keys selected by sorting networks instead of one pass a slot (router_merge:
+    #: auto = up to MERGE_TOKENS tokens, true, false)
+    router_stages: int = 0
+    router_merge: Any = "auto"
+    #: the select stage's tokens a CTA (0: the route's tile, about T / 128)
+    select_tile: int = 0
     #: decode: up to this many tokens, logits -> metadata (route_metadata) and ids -> metadata
     #: are one launch each (0: never), with this many threads per CTA
     decode_tokens: int = DECODE_TOKENS
@@ -149,6 +167,14 @@ class CuteConfig(ImplConfig):
                               "register cap)")
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
+        accepted("impl.router_stages", self.router_stages, ROUTER_STAGES)
+        v = self.router_merge
+        if not (v == "auto" or isinstance(v, bool)):
+            raise ConfigError(f"impl.router_merge={v!r} is not accepted; accepted: auto, true, false")
+        v = self.select_tile
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SELECT_TILE:
+            raise ConfigError(f"impl.select_tile={v!r} is not accepted; an integer in 0..{MAX_SELECT_TILE} (0: the route's "
+                              "tile)")
         accepted("impl.decode_threads", self.decode_threads, THREADS)
         for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("decode_direct_pairs", max(THREADS)),
                          ("decode_warp_pairs", max(THREADS)),
@@ -173,7 +199,7 @@ class CuteConfig(ImplConfig):
     @property
     def router_tune(self) -> dict:
         return {"threads": self.router_threads, "max_per_lane": self.router_max_per_lane,
-                "prefetch": self.router_prefetch}
+                "prefetch": self.router_prefetch, "stages": self.router_stages, "merge": self.router_merge}
 
 
 def _kernels() -> types.SimpleNamespace:
@@ -225,6 +251,12 @@ class CuteImpl(Impl):
         self._combine_tune = dict(split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
                                   stage_rows=self.stage_rows, **self.tune)
         self._select_out: dict = {}
+        self.select_tile = config.select_tile or None
+
+    def tune_route(self, T: int) -> dict:
+        """The route kernel's tuning keywords for T tokens (router_merge=auto resolved)."""
+        merge = self.router_tune["merge"]
+        return dict(self.router_tune, merge=merge is True or (merge == "auto" and T <= MERGE_TOKENS))
 
     # -- checks ----------------------------------------------------------------------------
     def _check_rows(self, t: torch.Tensor, what: str) -> None:
@@ -267,7 +299,7 @@ class CuteImpl(Impl):
         if router.name == "top1":
             k = 1
         krouter = _kernels().router
-        ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static, **self.router_tune)
+        ids, weights, hist, tile = krouter.route(logits, k, bias, out=out, **static, **self.tune_route(T))
         setattr(ids, _HIST_ATTR, (hist, tile, ids._version))
         return ids, weights
 
@@ -288,7 +320,7 @@ class CuteImpl(Impl):
             self._select_out[key] = (torch.empty(T, k, dtype=torch.int32, device=logits.device),
                                      torch.empty(T, k, dtype=logits.dtype, device=logits.device))
         ids, vals, _, _ = krouter.route(logits, k, None, out=self._select_out[key], score="logit", weight="value",
-                                        hist=False, values_in_dtype=True, **self.router_tune)
+                                        hist=False, values_in_dtype=True, tile=self.select_tile, **self.tune_route(T))
         return ids, vals
 
     def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
@@ -351,7 +383,7 @@ class CuteImpl(Impl):
             raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
         if not logits.is_contiguous() or logits.data_ptr() % 16:
             logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
-        tune = {key: v for key, v in self.router_tune.items() if key != "threads"}
+        tune = {key: v for key, v in self.tune_route(T).items() if key not in ("threads", "stages")}
         res = _kernels().decode.route_metadata(
             logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
             threads=self.decode_threads, direct_pairs=self.decode_direct_pairs,

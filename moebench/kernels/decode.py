@@ -144,43 +144,38 @@ class FusedRouteMetadata:
         sIds = smem.allocate_tensor(Int32, cute.make_layout(self.tile * self.k), byte_alignment=16)
         sFlag = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)
         sWarp = None
+        # which metadata body this CTA writes if it is the last: 1 the scan (one CTA), 2 the
+        # direct count, 3 the warp ranks, 0 the scan over several CTAs' histograms
+        T = mIds.shape[0]
+        P = T * self.k
+        local = Int32(0)
+        if nb == 1:
+            local = Int32(1)
+            if const_expr(self.warp_pairs > 0):
+                if P <= self.warp_pairs:
+                    local = Int32(3)
+            if const_expr(self.direct_pairs > 0):
+                if P <= self.direct_pairs:
+                    local = Int32(2)
         clear_hist(sHist, tidx, self.threads)
         if const_expr(self.warp_pairs > 0):  # the warp ranks' per-warp counts start at 0
             sWarp = smem.allocate_tensor(Int32, cute.make_layout(self.warps * self.E + self.E + 32),
                                          byte_alignment=16)
-            P = mIds.shape[0] * self.k
-            if nb == 1:
-                if P <= self.warp_pairs and P > self.direct_pairs:
-                    for i in cutlass.range(tidx, self.warps * self.E, self.threads, unroll=1):
-                        sWarp[i] = 0
+            if local == 3:
+                for i in cutlass.range(tidx, self.warps * self.E, self.threads, unroll=1):
+                    sWarp[i] = 0
         cute.arch.sync_threads()
         self.router.route_tile(mLogits, mBias, mIds, mWeights, Int32(self.tile), bidx, tidx, sHist, sIds)
         cute.arch.sync_threads()
         last = take_ticket(mHist, mTicket, bidx, tidx, sHist, sFlag, self.threads)
         if last != 0:
-            T = mIds.shape[0]
-            local = Int32(0)
-            if nb == 1:
-                local = Int32(1)
-                if const_expr(self.warp_pairs > 0):
-                    if T * self.k <= self.warp_pairs:
-                        local = Int32(3)
-                if const_expr(self.direct_pairs > 0):
-                    if T * self.k <= self.direct_pairs:
-                        local = Int32(2)
             if local == 2:
-                self.direct(mCounts, mOffsets, mRouted, mGather, mScatter, T * self.k, tidx, sHist, sIds)
+                self.direct(mCounts, mOffsets, mRouted, mGather, mScatter, P, tidx, sHist, sIds)
+            elif local == 3:
+                self.warp_ranks(mCounts, mOffsets, mRouted, mGather, mScatter, P, tidx, sHist, sIds, sWarp)
             else:
-                if const_expr(self.warp_pairs > 0):
-                    if local == 3:
-                        self.warp_ranks(mCounts, mOffsets, mRouted, mGather, mScatter, T * self.k, tidx, sHist,
-                                        sIds, sWarp)
-                    else:
-                        self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter,
-                                       mKeptW, T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
-                else:
-                    self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
-                                   T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
+                self.meta.body(mIds, mWeights, mHistW, mCounts, mOffsets, mRouted, mGather, mScatter, mKeptW,
+                               T, cap, Int32(0), Int32(1), tidx, sHist, sIds, local)
 
     @cute.jit
     def direct(self, mCounts: cute.Tensor, mOffsets: cute.Tensor, mRouted: cute.Tensor, mGather: cute.Tensor,
@@ -235,49 +230,50 @@ class FusedRouteMetadata:
         it the per-warp counts its expert's lowest lane left in shared memory (``sWarp[w * E +
         e]``, zeroed at the kernel's start); the expert offsets are a warp scan over the counts
         in ``sHist`` (thread ``e``, E <= threads) plus the sums of the warps of lower experts."""
-        E, k, NW = self.E, self.k, self.warps
-        EW = -(-E // 32)  # warps of experts
-        lane = tidx % 32
-        w = tidx // 32
-        ea = Int32(-1)
-        if tidx < P:
-            ea = sIds[tidx]
-        m = cute.arch.match_sync(0xFFFFFFFF, ea)  # every lane: lanes past P hold -1 like an empty slot
-        below = m & cute.arch.lanemask_lt()
-        if tidx < P:
-            if ea >= 0:
-                if below == 0:  # the expert's lowest lane in this warp: the warp's count
-                    sWarp[w * E + ea] = cute.arch.popc(m).to(Int32)
-        c = Int32(0)
-        if tidx < E:
-            c = sHist[tidx]
-        inc, _ = self.meta.warp_scan(c, Int32(0), lane, False)
-        if tidx < E:
-            sWarp[NW * E + tidx] = inc - c
-        if lane == 31:
-            if w < EW:
-                sWarp[NW * E + E + w] = inc
-        cute.arch.sync_threads()
-        valid = Int32(0)
-        for j in cutlass.range_constexpr(EW):
-            valid += sWarp[NW * E + E + j]
-        if tidx < P:
-            t = tidx // k
-            row = Int32(-1)
-            if ea >= 0:
-                row = sWarp[NW * E + ea] + cute.arch.popc(below).to(Int32)
-                for j in cutlass.range_constexpr(EW):
-                    row += cutlass.select_(j < (ea >> 5), sWarp[NW * E + E + j], Int32(0))
-                for v in cutlass.range_constexpr(NW - 1):
-                    row += cutlass.select_(v < w, sWarp[v * E + ea], Int32(0))
-                mGather[row] = t
-            mScatter[t, tidx - t * k] = row
-        if tidx < E:
-            off = sWarp[NW * E + tidx]
+        if const_expr(self.warp_pairs > 0):  # never traced without sWarp
+            E, k, NW = self.E, self.k, self.warps
+            EW = -(-E // 32)  # warps of experts
+            lane = tidx % 32
+            w = tidx // 32
+            ea = Int32(-1)
+            if tidx < P:
+                ea = sIds[tidx]
+            m = cute.arch.match_sync(0xFFFFFFFF, ea)  # every lane: lanes past P hold -1 like an empty slot
+            below = m & cute.arch.lanemask_lt()
+            if tidx < P:
+                if ea >= 0:
+                    if below == 0:  # the expert's lowest lane in this warp: the warp's count
+                        sWarp[w * E + ea] = cute.arch.popc(m).to(Int32)
+            c = Int32(0)
+            if tidx < E:
+                c = sHist[tidx]
+            inc, _ = self.meta.warp_scan(c, Int32(0), lane, False)
+            if tidx < E:
+                sWarp[NW * E + tidx] = inc - c
+            if lane == 31:
+                if w < EW:
+                    sWarp[NW * E + E + w] = inc
+            cute.arch.sync_threads()
+            valid = Int32(0)
             for j in cutlass.range_constexpr(EW):
-                off += cutlass.select_(j < w, sWarp[NW * E + E + j], Int32(0))
-            self.expert_out(mCounts, mRouted, mOffsets, tidx, c, off)
-        self.rows_tail(mOffsets, mGather, valid, tidx)
+                valid += sWarp[NW * E + E + j]
+            if tidx < P:
+                t = tidx // k
+                row = Int32(-1)
+                if ea >= 0:
+                    row = sWarp[NW * E + ea] + cute.arch.popc(below).to(Int32)
+                    for j in cutlass.range_constexpr(EW):
+                        row += cutlass.select_(j < (ea >> 5), sWarp[NW * E + E + j], Int32(0))
+                    for v in cutlass.range_constexpr(NW - 1):
+                        row += cutlass.select_(v < w, sWarp[v * E + ea], Int32(0))
+                    mGather[row] = t
+                mScatter[t, tidx - t * k] = row
+            if tidx < E:
+                off = sWarp[NW * E + tidx]
+                for j in cutlass.range_constexpr(EW):
+                    off += cutlass.select_(j < w, sWarp[NW * E + E + j], Int32(0))
+                self.expert_out(mCounts, mRouted, mOffsets, tidx, c, off)
+            self.rows_tail(mOffsets, mGather, valid, tidx)
 
     @cute.jit
     def count_pairs(self, sIds: cute.Tensor, P: Int32, a: Int32, ea: Int32, e: Int32):

@@ -31,6 +31,16 @@ probabilities, which the reference then orders by index), sigmoid scores use the
 rounded ``1 / (1 + exp(-x))`` torch uses, plus the fp32 bias. Gate weights are computed in
 fp32 (within 1e-5 of the reference).
 
+Two variants (static, off by default in the kernel; ``impl.router_merge`` / ``router_stages``):
+``merge`` takes the keys' best n = 2**ceil(log2 k) by sorting networks (``kernels.sorting``:
+each lane sorts its keys in chunks of n and folds them, then log2(G) shuffle steps fold the
+group's lanes) instead of k passes over the keys: the same instructions on Hopper, whose fused
+add-min makes a pass one instruction a key, but short dependent chains, so it wins where a call
+is a few tokens (the decode route) and loses at thousands (``notes/router.md``). fp32's k + 1-th
+key is then the n-th (n > k), or (n = k) a range test of each lane's keys against the k-th's
+truncated value. ``stages`` brings the rows through a shared-memory ring (cp.async, each lane
+its own vectors: no barrier) instead of the registers' one-row prefetch.
+
 The grid covers the tokens in *tiles* of ``tile`` tokens (a runtime value); a CTA routes
 one tile and writes its expert histogram ``hist[tile, E]`` (counts are sums, so the
 result is the same whatever order the CTA's threads add in). The metadata kernel
@@ -59,8 +69,11 @@ from cutlass import Float32, Int32, const_expr
 from moebench.kernels.common import VEC_BYTES
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, tree
+from moebench.kernels.sorting import group_lowest
 
 MAX_TOPK = 16
+#: most shared memory the route kernel's row ring takes (``stages``)
+RING_BYTES = 192 * 1024
 #: fp32 logits select with truncated keys from this many slots and experts on. H200, T 16384,
 #: rotated, route / select us, exact -> keys (runs/sample/h200_s9, calls V and W): E 256 k 8
 #: 23.1 / 17.6 -> 17.2 / 13.4, k 4 14.9 / 12.2 -> 14.9 / 10.5; E 128 k 8 12.6 / 10.5 -> 11.1 / 9.5;
@@ -89,6 +102,10 @@ def _add(a, b):
     return a + b
 
 
+def _shuffle_xor(x, offset: int):
+    return cute.arch.shuffle_sync_bfly(x, offset=offset)
+
+
 class TopKRouter:
     """logits [T, E] -> ids [T, k] int32, weights [T, k] fp32, hist [tiles, hist_cols(E)] int16
     (the select stage: no hist, and the values in the logits' dtype).
@@ -101,7 +118,7 @@ class TopKRouter:
                  has_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2_sum",
                  threads: int = 512, max_per_lane: int = 0, prefetch: bool = True,
                  hist: bool = True, values_in_dtype: bool = False, vector_store: bool = True,
-                 stop_idle_warps: bool = True):
+                 stop_idle_warps: bool = True, merge: bool = False, stages: int = 0):
         assert score in SCORES and weight in WEIGHTS and group_score in GROUP_SCORES
         assert not values_in_dtype or weight == "value"
         assert 1 <= k <= min(E, MAX_TOPK)
@@ -115,6 +132,13 @@ class TopKRouter:
         gs = E // n_group if self.grouped else 0
         self.lanes = LaneLayout.make(E, dtype.width // 8, gs, max_per_lane or lane_experts(dtype, E, k, threads))
         self.prefetch = prefetch  # load the next token's row before selecting on this one
+        # stages > 0: the rows come through a ring of `stages` steps in shared memory instead
+        # (cp.async, stages - 1 steps ahead, each lane its own vectors: no barrier), so more
+        # bytes are in flight than the registers hold; fewer stages where the ring would not fit
+        per_stage = max(threads, self.lanes.G) * self.lanes.V * dtype.width // 8
+        self.stages = min(stages, RING_BYTES // per_stage)
+        if self.stages < 2 or self.lanes.W * dtype.width < 32:  # cp.async copies 4, 8 or 16 bytes
+            self.stages = 0
         self.group_size = gs
         self.groups_per_lane = self.lanes.V // gs if self.grouped else 0
         self.threads = max(threads, self.lanes.G)
@@ -133,8 +157,14 @@ class TopKRouter:
         # truncated values among the k + 1 best sends the warp to the exact selection; from
         # FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on, where the keys' cheaper slots
         # pay for the extra one and the read-back
+        # Merge selection (``merge``): the keys' best n = 2**ceil(log2 k) by sorting networks
+        # (kernels.sorting: each lane sorts its keys in chunks of n and folds them, then the group
+        # folds its lanes' lists over log2(G) shuffle steps) instead of k passes over the keys; for
+        # fp32 the k + 1-th key is the n-th (n > k) or a range test on each lane's keys (n = k)
+        self.merge_n = 1 << (k - 1).bit_length()
+        self.merge = merge and score == "logit" and not self.grouped and self.lanes.V >= self.merge_n
         self.keyed = score == "logit" and not self.grouped and (
-            dtype.width == 16 or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
+            dtype.width == 16 or self.merge or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
         self.exact_keys = dtype.width == 16
         self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13 if dtype.width == 16 else max(1, (E - 1).bit_length())
         assert E <= 1 << self.drop_bits
@@ -197,6 +227,18 @@ class TopKRouter:
                     cute.copy(atom, gRow[None, base // W + i], dst[None, i])
 
     @cute.jit
+    def fetch_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, sRing: cute.Tensor,
+                  tidx: Int32, s: Int32):
+        """Start copying this lane's experts of row ``t`` into its stage ``s`` of the ring
+        (nothing past ``t_end``; the caller commits the group)."""
+        W, V = self.lanes.W, self.lanes.V
+        if t < t_end:
+            gRow = cute.zipped_divide(mLogits[t, None], (W,))
+            for i in cutlass.range_constexpr(V // W):
+                if base + i * W < self.E:
+                    cute.copy(atom, gRow[None, base // W + i], sRing[None, i, tidx, s])
+
+    @cute.jit
     def select_keyed(self, nkeys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
         """Keyed selection (keys are unique, held negated: ``nkeys = -key``,
         INT32_MAX past E): the largest key over the group, among those ``< below`` after the
@@ -223,23 +265,32 @@ class TopKRouter:
                mHist: cute.Tensor, tile: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        if const_expr(self.hist):
+        sRing = None
+        if const_expr(self.hist or self.stages > 0):
             smem = cutlass.memory.SmemAllocator()
+        if const_expr(self.stages > 0):  # lane tidx's vector i of stage s at sRing[None, i, tidx, s]
+            L = self.lanes
+            sRing = smem.allocate_tensor(self.dtype, cute.make_layout(
+                (L.W, L.V // L.W, self.threads, self.stages),
+                stride=(1, self.threads * L.W, L.W, self.threads * L.V)), byte_alignment=16)
+        if const_expr(self.hist):
             sHist = smem.allocate_tensor(Int32, cute.make_layout(hist_cols(self.E)), byte_alignment=16)
             clear_hist(sHist, tidx, self.threads)
             cute.arch.sync_threads()
-            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, sHist)
+            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, sHist, sRing=sRing)
             cute.arch.sync_threads()
             store_hist_row(mHist, bidx, sHist, tidx, self.threads)
         else:  # hist only sizes the grid
-            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, None)
+            self.route_tile(mLogits, mBias, mIds, mWeights, tile, bidx, tidx, None, sRing=sRing)
 
     @cute.jit
     def route_tile(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
-                   tile: Int32, bidx: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor = None):
+                   tile: Int32, bidx: Int32, tidx: Int32, sHist: cute.Tensor, sIds: cute.Tensor = None,
+                   sRing: cute.Tensor = None):
         """Route tile ``bidx`` (tokens ``bidx * tile ..``): write its ids and weights, count its
         assignments in ``sHist`` (cleared and synced by the caller, who syncs after; None where
-        ``hist`` is off) and, with ``sIds``, keep its ids there too (``sIds[(t - bidx * tile) * k + j]``)."""
+        ``hist`` is off) and, with ``sIds``, keep its ids there too (``sIds[(t - bidx * tile) * k + j]``).
+        With ``sRing`` (``stages`` steps) the rows come through it, else through registers."""
         L = self.lanes
         E, k, V, W, G = self.E, self.k, L.V, L.W, L.G
         T = mLogits.shape[0]
@@ -249,7 +300,9 @@ class TopKRouter:
 
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
         raw = cute.make_rmem_tensor((W, V // W), self.dtype)
-        if const_expr(self.prefetch):
+        ring = sRing is not None
+        prefetch = self.prefetch and not ring
+        if const_expr(prefetch):
             nxt = cute.make_rmem_tensor((W, V // W), self.dtype)
         x = cute.make_rmem_tensor((W, V // W), Float32)  # flat index v = expert base + v
         sel = cute.make_rmem_tensor((V,), Float32)
@@ -282,13 +335,26 @@ class TopKRouter:
         if const_expr(self.stop_idle_warps):
             warp_off = cute.arch.make_warp_uniform(tidx // 32) * (32 // G)  # the warp's first group
             steps = (cutlass.max(t_end - t0 - warp_off, 0) + (groups - 1)) // groups
-        if const_expr(self.prefetch):
+        if const_expr(ring):
+            S = self.stages
+            atom_async = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(), self.dtype,
+                                             num_bits_per_copy=W * self.dtype.width)
+            for s in cutlass.range_constexpr(S - 1):
+                self.fetch_row(mLogits, t0 + s * groups + tidx // G, t_end, base, atom_async, sRing, tidx, s)
+                cute.arch.cp_async_commit_group()
+        elif const_expr(prefetch):
             self.load_row(mLogits, t0 + tidx // G, t_end, base, atom, nxt)
         for r in cutlass.range(steps, unroll=1):
             t = t0 + r * groups + tidx // G
             active = t < t_end
             # -- load this lane's experts of row t as fp32 (NaN past E) -----------------------
-            if const_expr(self.prefetch):
+            if const_expr(ring):  # step r + S - 1 into the stage step r - 1 left; step r is in
+                self.fetch_row(mLogits, t + (S - 1) * groups, t_end, base, atom_async, sRing, tidx, (r + S - 1) % S)
+                cute.arch.cp_async_commit_group()
+                cute.arch.cp_async_wait_group(S - 1)
+                for i in cutlass.range_constexpr(V // W):
+                    cute.copy(atom, sRing[None, i, tidx, r % S], raw[None, i])
+            elif const_expr(prefetch):
                 raw.store(nxt.load())
                 self.load_row(mLogits, t + groups, t_end, base, atom, nxt)
             else:
@@ -362,9 +428,14 @@ class TopKRouter:
                         keys[v] = Int32(2**31 - 1)
                 key = Int32(0)
                 tie = Int32(0)  # fp32: two of the k + 1 best share their truncated value
+                if const_expr(self.merge):  # the group's best n keys, best first, in every lane
+                    top = group_lowest([keys[v] for v in range(V)], self.merge_n, G, _shuffle_xor)
                 for j in cutlass.range_constexpr(k):
                     prev = key
-                    key = self.select_keyed(keys, key, j == 0)
+                    if const_expr(self.merge):
+                        key = Int32(0) - top[j]
+                    else:
+                        key = self.select_keyed(keys, key, j == 0)
                     if const_expr(not self.exact_keys and j > 0):
                         if (key & Int32(~mask)) == (prev & Int32(~mask)):
                             tie = Int32(1)
@@ -374,10 +445,19 @@ class TopKRouter:
                     bits[0] = ((o ^ neg) - neg) | (neg << 31)
                     wts[j] = bits_f[0]
                 if const_expr(not self.exact_keys):
-                    if const_expr(k < E):  # the best unselected one
-                        nxt_key = self.select_keyed(keys, key, False)
+                    if const_expr(k < E and (not self.merge or self.merge_n > k)):  # the best unselected one
+                        if const_expr(self.merge):
+                            nxt_key = Int32(0) - top[k]
+                        else:
+                            nxt_key = self.select_keyed(keys, key, False)
                         if (nxt_key & Int32(~mask)) == (key & Int32(~mask)):
                             tie = Int32(1)
+                    elif const_expr(k < E):  # merged n = k: does a key of this lane share the k-th's
+                        # truncated value below it? (-key in (-k-th, -truncated k-th])
+                        worst = Int32(0) - (key & Int32(~mask))
+                        for v in cutlass.range_constexpr(V):
+                            if keys[v] > top[k - 1] and keys[v] <= worst:
+                                tie = Int32(1)
                     # Without such a tie the truncated order of the k + 1 best is strict, so it
                     # is the exact order and every other expert is below the k-th: the keys'
                     # selection is exact. With one, the warp (its shuffles need every lane)
@@ -524,9 +604,11 @@ def selection_bias(bias: torch.Tensor | None, E: int, dev) -> torch.Tensor:
     return zero
 
 
-def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, **static):
+def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=None, tile: int | None = None,
+          **static):
     """ids [T, k] int32, weights [T, k] (fp32; the logits' dtype with ``values_in_dtype``), hist
-    [tiles, hist_cols(E)] int16 (not written with ``hist=False``) and the tile size.
+    [tiles, hist_cols(E)] int16 (not written with ``hist=False``) and the tile size: ``tile``
+    tokens a CTA, or (None) the metadata's ``tile_size(T)``.
 
     ``logits`` [T, E] of a handled dtype; ``static`` as TopKRouter (the caller has
     checked the combination, see ``moebench.impls.cute_impl``)."""
@@ -545,7 +627,7 @@ def route(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None, out=No
         ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     if not usable(weights, wdtype):
         weights = torch.empty(T, k, dtype=wdtype, device=dev)
-    tile = tile_size(T)
+    tile = tile or tile_size(T)
     hist = new_hist(T, E, tile, dev)
     if T == 0:
         return ids, weights, hist.zero_(), tile

@@ -14,7 +14,7 @@ import torch
 from moebench import routing as R
 from moebench.check import assert_close, check_metadata
 from moebench.impls.base import Unsupported
-from moebench.impls.cute_impl import CuteImpl
+from moebench.impls.cute_impl import CuteImpl, router_static
 from moebench.logits import make_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_empty")]  # every output starts as poison
@@ -161,9 +161,19 @@ def test_route_fp32_keys_truncated_ties(E, k):
     Routers that select on the logits; softmax_topk selects on fp32 probabilities, which can
     tie where the logits differ in their last bits, so it gets the rows with those bits cleared
     (exact ties, still sharing truncated values)."""
+    lg = _fp32_truncated_ties(E)
+    for router in (R.RouterSpec("topk_hard"), R.RouterSpec("topk_softmax")):
+        _check_route(lg, k, router)
+    db = max(1, (E - 1).bit_length())
+    tied = (lg.view(torch.int32) & ~((1 << db) - 1)).view(torch.float32)
+    _check_route(tied, k, R.RouterSpec())
+
+
+def _fp32_truncated_ties(E: int, T: int = 3001) -> torch.Tensor:
+    """fp32 logits whose rows share truncated values (the low log2(E) bits differ or not), with
+    signed zeros, -inf and whole tied rows."""
     db = max(1, (E - 1).bit_length())
     g = torch.Generator(device="cuda").manual_seed(23)
-    T = 3001
     lg = _logits("uniform", T, E, torch.float32, seed=E)
     hi = lg.view(torch.int32) & ~((1 << db) - 1)
     low = torch.randint(0, 1 << db, (T, E), generator=g, device="cuda", dtype=torch.int32)
@@ -176,10 +186,41 @@ def test_route_fp32_keys_truncated_ties(E, k):
     lg[10::97, ::2] = -0.0  # signed zeros: tied
     lg[11::97, 1:] = float("-inf")
     lg[12::97] = lg[12::97, :1]  # a whole row tied
-    for router in (R.RouterSpec("topk_hard"), R.RouterSpec("topk_softmax")):
-        _check_route(lg, k, router)
-    tied = (lg.view(torch.int32) & ~((1 << db) - 1)).view(torch.float32)
-    _check_route(tied, k, R.RouterSpec())
+    return lg
+
+
+#: the route kernel's merge selection (sorting networks) and shared-memory row ring
+MERGE_RING = {"merge": dict(merge=True), "ring3": dict(stages=3), "merge_ring4": dict(merge=True, stages=4),
+              "merge_ring2_256": dict(merge=True, stages=2, threads=256, max_per_lane=16)}
+
+
+@pytest.mark.parametrize("variant", list(MERGE_RING))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("E,k", [(256, 8), (256, 2), (128, 8), (8, 8), (8, 2), (160, 6), (60, 4), (1000, 16),
+                                 (32, 16), (1024, 1), (64, 3)])
+def test_route_merge_and_ring_agree(variant, dtype, E, k):
+    """The merge selection and the row ring give the reference's ids and weights (route), and
+    its ids and the logits at them (select), on tied rows; fp32 also on rows whose best values
+    share their truncated bits (the tie check after the merge: the n-th key, or the range test
+    where n = k). T is not a multiple of the tile or of a step."""
+    from moebench.kernels import router as kr
+    static = MERGE_RING[variant]
+    # softmax_topk selects on fp32 probabilities, which may tie where fp32 logits differ in their
+    # last bits: the truncated-ties rows take routers that select on the logits
+    rows = [(_logits("zipf", 4097, E, dtype, seed=E + k, ties=True), (R.RouterSpec(), R.RouterSpec("topk_hard")))]
+    if dtype == torch.float32:
+        rows.append((_fp32_truncated_ties(E), (R.RouterSpec("topk_hard"), R.RouterSpec("topk_softmax"))))
+    for lg, routers in rows:
+        for router in routers:
+            rids, rw = R.route(lg, k, router)
+            ids, w, hist, _ = kr.route(lg, k, **router_static(router, k, E, False), **static)
+            assert torch.equal(ids.long(), rids.long()), f"ids differ in {(ids.long() != rids.long()).any(1).sum()} rows"
+            assert_close(w, rw, "gate weights", rtol=1e-5, atol=1e-6)
+            assert torch.equal(hist.long().sum(0)[:E], torch.bincount(ids.long().flatten(), minlength=E))
+        ids, vals, _, _ = kr.route(lg, k, weight="value", hist=False, values_in_dtype=True, **static)
+        rids, _ = R.route(lg, k, R.RouterSpec("topk_hard"))
+        assert torch.equal(ids.long(), rids.long())
+        assert torch.equal(vals, lg.gather(1, rids.long()))
 
 
 def test_route_neg_inf_logits_still_compete():
