@@ -1,7 +1,7 @@
 """How a token's experts spread over a *lane group* (``G`` consecutive threads, a power of two up
 to a warp; lane ``g`` holds experts ``g*V .. g*V+V-1``), how many a lane holds by default, and
-the reductions over a group: what the route kernel (``moebench.kernels.router``) and the route
-backward (``moebench.kernels.backward``) share."""
+the reductions and selections over a group: what the route kernel (``moebench.kernels.router``)
+and the route backward (``moebench.kernels.backward``) share."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES
 
@@ -85,3 +86,61 @@ def lane_group_reduce(op: cutlass.Constexpr, x, G: cutlass.Constexpr[int]):
     for i in cutlass.range_constexpr(int(math.log2(G))):
         x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1 << i))
     return x
+
+
+@cute.jit
+def group_min_index(i: Int32, w: Float32, G: cutlass.Constexpr[int]):
+    """The lowest index over a lane group of G, with the value that came with it."""
+    for s in cutlass.range_constexpr(int(math.log2(G))):
+        oi = cute.arch.shuffle_sync_bfly(i, offset=1 << s)
+        ow = cute.arch.shuffle_sync_bfly(w, offset=1 << s)
+        if oi < i:
+            i = oi
+            w = ow
+    return i, w
+
+
+@cute.jit
+def select_max(sel: cute.Tensor, src: cute.Tensor, base: Int32, n: cutlass.Constexpr[int],
+               src_is_sel: cutlass.Constexpr[bool], G: cutlass.Constexpr[int]):
+    """Take the largest of ``sel[:n]`` over a lane group of G (lowest index on ties), mark it
+    taken (NaN) and return (its index, ``src`` at it). ``base`` = this lane's first index."""
+    m = tree(cute.arch.fmax, [sel[v] for v in range(n)])
+    m = lane_group_reduce(cute.arch.fmax, m, G)
+    idx = Int32(1 << 30)
+    w = m
+    for v in cutlass.range_constexpr(n - 1, -1, -1):
+        if sel[v] == m:
+            idx = base + v
+            if const_expr(not src_is_sel):
+                w = src[v]
+    if const_expr(src_is_sel):
+        idx = lane_group_reduce(cutlass.min, idx, G)
+    else:
+        idx, w = group_min_index(idx, w, G)
+    for v in cutlass.range_constexpr(n):
+        if base + v == idx:
+            sel[v] = Float32.nan
+    return idx, w
+
+
+@cute.jit
+def select_keyed(nkeys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool], V: cutlass.Constexpr[int],
+                 G: cutlass.Constexpr[int]) -> Int32:
+    """Keyed selection over a lane group of G, V keys a lane (unique, held negated: ``nkeys =
+    -key``, INT32_MAX past E): the largest key, among those ``< below`` after the first slot.
+    The first is ``-min(nkeys)``; then the max is ``c - min(c - key)`` with ``c = below - 1 +
+    2**31`` in wrapping int32, which orders keys ``< below`` first and the taken ones (``>=
+    below``, and those past E) last, so nothing is marked. As ``c - key = nkey + c``, a slot
+    costs one fused add-min per expert (four independent chains)."""
+    m = below
+    if const_expr(first):
+        m = Int32(0) - lane_group_reduce(cutlass.min, tree(cutlass.min, [nkeys[v] for v in range(V)]), G)
+    else:
+        c = below + Int32(2**31 - 1)
+        nc = min(4, V)
+        acc = [nkeys[v] + c for v in range(nc)]
+        for v in cutlass.range_constexpr(nc, V):
+            acc[v % nc] = cutlass.min(acc[v % nc], nkeys[v] + c)
+        m = c - lane_group_reduce(cutlass.min, tree(cutlass.min, acc), G)
+    return m

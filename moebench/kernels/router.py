@@ -68,7 +68,7 @@ from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
-from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, tree
+from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
 from moebench.kernels.sorting import group_lowest
 
 MAX_TOPK = 16
@@ -183,38 +183,9 @@ class TopKRouter:
         return lane_group_reduce(op, x, self.lanes.G)
 
     @cute.jit
-    def group_min_index(self, i: Int32, w: Float32):
-        """The lowest index over the group, with the value that came with it."""
-        for s in cutlass.range_constexpr(int(math.log2(self.lanes.G))):
-            oi = cute.arch.shuffle_sync_bfly(i, offset=1 << s)
-            ow = cute.arch.shuffle_sync_bfly(w, offset=1 << s)
-            if oi < i:
-                i = oi
-                w = ow
-        return i, w
-
-    @cute.jit
     def select(self, sel: cute.Tensor, src: cute.Tensor, base: Int32, n: cutlass.Constexpr[int],
                src_is_sel: cutlass.Constexpr[bool]):
-        """Take the largest of ``sel[:n]`` over the group (lowest index on ties), mark it
-        taken (NaN) and return (its index, ``src`` at it). ``base`` = this lane's first index."""
-        m = tree(cute.arch.fmax, [sel[v] for v in range(n)])
-        m = self.group_reduce(cute.arch.fmax, m)
-        idx = Int32(1 << 30)
-        w = m
-        for v in cutlass.range_constexpr(n - 1, -1, -1):
-            if sel[v] == m:
-                idx = base + v
-                if const_expr(not src_is_sel):
-                    w = src[v]
-        if const_expr(src_is_sel):
-            idx = self.group_reduce(cutlass.min, idx)
-        else:
-            idx, w = self.group_min_index(idx, w)
-        for v in cutlass.range_constexpr(n):
-            if base + v == idx:
-                sel[v] = Float32.nan
-        return idx, w
+        return select_max(sel, src, base, n, src_is_sel, self.lanes.G)
 
     @cute.jit
     def load_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, dst: cute.Tensor):
@@ -240,25 +211,7 @@ class TopKRouter:
 
     @cute.jit
     def select_keyed(self, nkeys: cute.Tensor, below: Int32, first: cutlass.Constexpr[bool]) -> Int32:
-        """Keyed selection (keys are unique, held negated: ``nkeys = -key``,
-        INT32_MAX past E): the largest key over the group, among those ``< below`` after the
-        first slot. The first is ``-min(nkeys)``; then the max is ``c - min(c - key)`` with
-        ``c = below - 1 + 2**31`` in wrapping int32, which orders keys ``< below`` first and
-        the taken ones (``>= below``, and those past E) last, so nothing is marked. As
-        ``c - key = nkey + c``, a slot costs one fused add-min per expert (four independent
-        chains)."""
-        V = self.lanes.V
-        m = below
-        if const_expr(first):
-            m = Int32(0) - self.group_reduce(cutlass.min, tree(cutlass.min, [nkeys[v] for v in range(V)]))
-        else:
-            c = below + Int32(2**31 - 1)
-            nc = min(4, V)
-            acc = [nkeys[v] + c for v in range(nc)]
-            for v in cutlass.range_constexpr(nc, V):
-                acc[v % nc] = cutlass.min(acc[v % nc], nkeys[v] + c)
-            m = c - self.group_reduce(cutlass.min, tree(cutlass.min, acc))
-        return m
+        return select_keyed(nkeys, below, first, self.lanes.V, self.lanes.G)
 
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
