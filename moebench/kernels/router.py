@@ -151,20 +151,20 @@ class TopKRouter:
         self.store_vec = min(c & -c, 4) if vector_store and c >= 2 else 1
         # a warp stops after its own tokens (False: every warp runs the tile's steps, as before)
         self.stop_idle_warps = stop_idle_warps
+        # Merge selection (``merge``): the keys' best n = 2**ceil(log2 k) by sorting networks
+        # (kernels.sorting: each lane sorts its keys in chunks of n and folds them, then the group
+        # folds its lanes' lists over log2(G) shuffle steps) instead of k passes over the keys; for
+        # fp32 the k + 1-th key is the n-th (n > k) or a range test on each lane's keys (n = k)
+        on_logits = score == "logit" and not self.grouped
+        self.merge_n = 1 << (k - 1).bit_length()
+        self.merge = merge and on_logits and self.lanes.V >= self.merge_n
         # logits selected as they are: value and index fit one int32 key (see route_tile). A
         # 16-bit logit's fp32 value has always-zero low bits that hold the index: the key is
         # exact. An fp32 logit loses its low log2(E) bits to the index: the keys select, a tie of
         # truncated values among the k + 1 best sends the warp to the exact selection; from
         # FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on, where the keys' cheaper slots
-        # pay for the extra one and the read-back
-        # Merge selection (``merge``): the keys' best n = 2**ceil(log2 k) by sorting networks
-        # (kernels.sorting: each lane sorts its keys in chunks of n and folds them, then the group
-        # folds its lanes' lists over log2(G) shuffle steps) instead of k passes over the keys; for
-        # fp32 the k + 1-th key is the n-th (n > k) or a range test on each lane's keys (n = k)
-        self.merge_n = 1 << (k - 1).bit_length()
-        self.merge = merge and score == "logit" and not self.grouped and self.lanes.V >= self.merge_n
-        self.keyed = score == "logit" and not self.grouped and (
-            dtype.width == 16 or self.merge or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
+        # pay for the extra one and the read-back, and wherever the merge selection runs
+        self.keyed = on_logits and (dtype.width == 16 or self.merge or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
         self.exact_keys = dtype.width == 16
         self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13 if dtype.width == 16 else max(1, (E - 1).bit_length())
         assert E <= 1 << self.drop_bits
