@@ -137,12 +137,23 @@ def test_impl_options_and_unsupported_reasons():
         CuteImpl(router_merge="often")
     with pytest.raises(ValueError, match="impl.router_stages=5 is not accepted"):
         CuteImpl(router_stages=5)
+    with pytest.raises(ValueError, match="impl.router_min_ctas=5 is not accepted"):
+        CuteImpl(router_min_ctas=5)
     with pytest.raises(ValueError, match=r"impl.select_tile=-1 is not accepted; an integer in 0..16384"):
         CuteImpl(select_tile=-1)
     from moebench.impls.cute_impl import MERGE_TOKENS
     tune = CuteImpl().tune_route  # auto: sorting networks up to MERGE_TOKENS tokens
     assert tune(MERGE_TOKENS)["merge"] and not tune(MERGE_TOKENS + 1)["merge"]
     assert CuteImpl(router_merge=True).tune_route(16384)["merge"] and not CuteImpl(router_merge=False).tune_route(1)["merge"]
+    from moebench.impls.cute_impl import FP32_SELECT
+    sel = CuteImpl().tune_select  # auto: fp32 logits from E 128 above MERGE_TOKENS take FP32_SELECT
+    assert {key: sel(16384, 256, torch.float32)[key] for key in FP32_SELECT} == FP32_SELECT
+    assert sel(16384, 256, torch.bfloat16)["tile"] is None and sel(16384, 64, torch.float32)["threads"] == 512
+    assert sel(MERGE_TOKENS, 256, torch.float32)["merge"] and sel(MERGE_TOKENS, 256, torch.float32)["threads"] == 512
+    assert CuteImpl(select_tuning="route").tune_select(16384, 256, torch.float32)["min_ctas"] == 0
+    assert CuteImpl(select_tile=64).tune_select(16384, 256, torch.float32)["tile"] == 64
+    with pytest.raises(ValueError, match="impl.select_tuning='fast' is not accepted; accepted: auto, route"):
+        CuteImpl(select_tuning="fast")
     im = CuteImpl()
     assert im.resolve_pack_mode(8) == "scatter" and im.resolve_pack_mode(128) == "gather"
     with pytest.raises(Unsupported, match="S=128"):

@@ -57,13 +57,27 @@ def test_router_fp32_selection_by_shape(E, k, weight):
 
 
 @pytest.mark.parametrize("dtype,E,k,threads,V", [(FP32, 256, 8, 512, 16), (FP32, 128, 16, 1024, 16), (FP32, 256, 8, 256, 32),
-                                               (FP32, 256, 4, 512, 32), (FP32, 64, 8, 512, 32), (BF16, 256, 8, 512, 32)])
+                                               (FP32, 256, 4, 512, 16), (FP32, 128, 2, 512, 16), (FP32, 256, 1, 512, 32),
+                                               (FP32, 64, 8, 512, 32), (BF16, 256, 8, 512, 32)])
 def test_router_default_lane_experts(dtype, E, k, threads, V):
-    """max_per_lane=0 (the default) holds 16 experts a lane for fp32 logits from E 128 and k 8 in
+    """max_per_lane=0 (the default) holds 16 experts a lane for fp32 logits from E 128 and k 2 in
     CTAs of 512+ threads (32 spill there), 32 elsewhere; an explicit value is kept."""
     assert kr.TopKRouter(dtype, E, k, threads=threads).lanes.V == V
     assert kr.TopKRouter(dtype, E, k, threads=threads, max_per_lane=32).lanes.V == min(32, E)
     assert kr.compile_router(dtype, E, k, threads=threads, has_bias=False) is not None
+
+
+@pytest.mark.parametrize("E,k", [(256, 8), (128, 2), (1000, 16)])
+def test_router_register_cap_compiles(E, k):
+    """The fp32 select stage's tuning (impl.select_tuning=auto: 256 threads, 16 experts a lane,
+    registers capped for 4 CTAs an SM, no prefetch) and a capped route kernel compile for sm_90a
+    (no device: the default shared-memory carveout)."""
+    from moebench.impls.cute_impl import FP32_SELECT
+    tune = {key: v for key, v in FP32_SELECT.items() if key != "tile"}
+    assert kr.TopKRouter(FP32, E, k, **tune).min_ctas == 4
+    assert kr.compile_router(FP32, E, k, score="logit", weight="value", hist=False, values_in_dtype=True,
+                             has_bias=False, **tune) is not None
+    assert kr.compile_router(FP32, E, k, has_bias=False, min_ctas=2) is not None
 
 
 @pytest.mark.parametrize("dtype,E,k,max_per_lane,vec", [

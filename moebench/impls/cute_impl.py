@@ -67,6 +67,8 @@ THREADS = (128, 256, 512, 1024)
 ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32)
 #: the route kernel's shared-memory row ring: steps of rows it holds (0: through registers)
 ROUTER_STAGES = (0, 2, 3, 4, 6, 8)
+#: the route kernel's register cap: CTAs an SM (0: none)
+ROUTER_MIN_CTAS = (0, 1, 2, 3, 4, 6, 8)
 #: impl.router_merge=auto selects by sorting networks up to this many tokens, where a call is
 #: one short chain of dependent steps. H200, rotated, same call (runs/sample/h200_s13/call4):
 #: logits -> metadata at T 1-32 0.02-0.13 us faster (deepseek_v3 T 4 3.57 -> 3.47, qwen3 T 32
@@ -75,6 +77,15 @@ ROUTER_STAGES = (0, 2, 3, 4, 6, 8)
 MERGE_TOKENS = 32
 #: most tokens a CTA of the select stage takes (impl.select_tile)
 MAX_SELECT_TILE = 16384
+#: impl.select_tuning=auto: the select stage of fp32 logits from FP32_SELECT_MIN_E experts on (above
+#: MERGE_TOKENS tokens) runs in more, smaller CTAs: 32 tokens a CTA of 256 threads, 16 experts a
+#: lane, registers capped for 4 CTAs an SM (64, no spill), no prefetch. H200, T 16384, rotated, same
+#: call (runs/sample/h200_s14/call2), select us, the route's tuning -> this: E 256 k 8 12.13 ->
+#: 11.63, k 2 8.65 -> 6.98 (7.38 with 16 a lane alone); E 128 k 8 7.59 -> 7.01, k 2 5.98 -> 4.73;
+#: bf16 lost with it (E 256 k 8 7.13 -> 8.02), E 8 even
+FP32_SELECT = dict(tile=32, threads=256, max_per_lane=16, min_ctas=4, prefetch=False)
+FP32_SELECT_MIN_E = 128
+SELECT_TUNINGS = ("auto", "route")
 #: the decode path's defaults (kernels/decode.py, kernels/common.py): tokens up to which logits
 #: (or ids) become metadata in one launch, its threads per CTA, the pack / combine grid size
 #: below which rows are split over more CTAs. One launch up to one CTA's tokens (32 at E 256):
@@ -119,7 +130,7 @@ class CuteConfig(ImplConfig):
     fp8_tpr: int = 0
     fp8_min_ctas: int = 0
     #: the route kernel: threads per CTA, most experts a lane holds (0: the kernel's choice, 16
-    #: for fp32 logits from E 128 and k 8 at 512+ threads, else 32), prefetch of the next row
+    #: for fp32 logits from E 128 and k 2 at 512+ threads, else 32), prefetch of the next row
     router_threads: int = 512
     router_max_per_lane: int = 0
     router_prefetch: bool = True
@@ -129,8 +140,14 @@ class CuteConfig(ImplConfig):
     #: auto = up to MERGE_TOKENS tokens, true, false)
     router_stages: int = 0
     router_merge: Any = "auto"
-    #: the select stage's tokens a CTA (0: the route's tile, about T / 128)
+    #: the route kernel's registers capped so this many CTAs fit an SM (0: ptxas's choice; not in
+    #: the one-launch decode kernel)
+    router_min_ctas: int = 0
+    #: the select stage's tokens a CTA (0: the tuning's, below) and its tuning: auto = FP32_SELECT
+    #: for fp32 logits from FP32_SELECT_MIN_E experts above MERGE_TOKENS tokens, else the route's;
+    #: route = the route kernel's (router_*, and its tile, about T / 128)
     select_tile: int = 0
+    select_tuning: str = "auto"
     #: decode: up to this many tokens, logits -> metadata (route_metadata) and ids -> metadata
     #: are one launch each (0: never), with this many threads per CTA
     decode_tokens: int = DECODE_TOKENS
@@ -168,6 +185,7 @@ class CuteConfig(ImplConfig):
         accepted("impl.router_threads", self.router_threads, THREADS)
         accepted("impl.router_max_per_lane", self.router_max_per_lane, ROUTER_MAX_PER_LANE)
         accepted("impl.router_stages", self.router_stages, ROUTER_STAGES)
+        accepted("impl.router_min_ctas", self.router_min_ctas, ROUTER_MIN_CTAS)
         v = self.router_merge
         if not (v == "auto" or isinstance(v, bool)):
             raise ConfigError(f"impl.router_merge={v!r} is not accepted; accepted: auto, true, false")
@@ -175,6 +193,7 @@ class CuteConfig(ImplConfig):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SELECT_TILE:
             raise ConfigError(f"impl.select_tile={v!r} is not accepted; an integer in 0..{MAX_SELECT_TILE} (0: the route's "
                               "tile)")
+        accepted("impl.select_tuning", self.select_tuning, SELECT_TUNINGS)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
         for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("decode_direct_pairs", max(THREADS)),
                          ("decode_warp_pairs", max(THREADS)),
@@ -199,7 +218,8 @@ class CuteConfig(ImplConfig):
     @property
     def router_tune(self) -> dict:
         return {"threads": self.router_threads, "max_per_lane": self.router_max_per_lane,
-                "prefetch": self.router_prefetch, "stages": self.router_stages, "merge": self.router_merge}
+                "prefetch": self.router_prefetch, "stages": self.router_stages, "merge": self.router_merge,
+                "min_ctas": self.router_min_ctas}
 
 
 def _kernels() -> types.SimpleNamespace:
@@ -251,7 +271,7 @@ class CuteImpl(Impl):
         self._combine_tune = dict(split_ctas=self.split_ctas, prefetch_bytes=self.prefetch_bytes,
                                   stage_rows=self.stage_rows, **self.tune)
         self._select_out: dict = {}
-        self.select_tile = config.select_tile or None
+        self.select_tile, self.select_tuning = config.select_tile or None, config.select_tuning
 
     def tune_route(self, T: int) -> dict:
         """The route kernel's tuning keywords for T tokens (router_merge=auto resolved)."""
@@ -320,8 +340,16 @@ class CuteImpl(Impl):
             self._select_out[key] = (torch.empty(T, k, dtype=torch.int32, device=logits.device),
                                      torch.empty(T, k, dtype=logits.dtype, device=logits.device))
         ids, vals, _, _ = krouter.route(logits, k, None, out=self._select_out[key], score="logit", weight="value",
-                                        hist=False, values_in_dtype=True, tile=self.select_tile, **self.tune_route(T))
+                                        hist=False, values_in_dtype=True, **self.tune_select(T, E, logits.dtype))
         return ids, vals
+
+    def tune_select(self, T: int, E: int, dtype: torch.dtype) -> dict:
+        """The select stage's tile and kernel tuning for T tokens of E logits of ``dtype``
+        (impl.select_tuning, impl.select_tile)."""
+        tune = dict(self.tune_route(T), tile=None)
+        if self.select_tuning == "auto" and dtype == torch.float32 and E >= FP32_SELECT_MIN_E and T > MERGE_TOKENS:
+            tune.update(FP32_SELECT)
+        return dict(tune, tile=self.select_tile or tune["tile"])
 
     def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
         self.check_device(ids.device)
@@ -383,7 +411,7 @@ class CuteImpl(Impl):
             raise Unsupported(f"R={R} packed rows; int32 row indices hold at most {INT32_MAX}")
         if not logits.is_contiguous() or logits.data_ptr() % 16:
             logits = logits.contiguous() if not logits.is_contiguous() else logits.clone()
-        tune = {key: v for key, v in self.tune_route(T).items() if key not in ("threads", "stages")}
+        tune = {key: v for key, v in self.tune_route(T).items() if key not in ("threads", "stages", "min_ctas")}
         res = _kernels().decode.route_metadata(
             logits, k, bias, E, R, cap, capacity.pad_to_capacity, capacity.renormalize_after_drop, capacity.align,
             threads=self.decode_threads, direct_pairs=self.decode_direct_pairs,

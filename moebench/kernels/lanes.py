@@ -23,9 +23,10 @@ MAX_EXPERTS = 1024
 #: k 2 to 16), 16 a lane none. H200, T 16384, rotated, route / select us, 32 -> 16 a lane
 #: (runs/sample/h200_s10, call 3): E 128 k 8 11.03 / 8.54 -> 8.92 / 7.60, E 256 k 8 17.37 / 12.11
 #: -> 14.32 / 12.12; 256 threads a CTA instead (no cap below 255 registers, half the warps):
-#: 10.00 / 8.97 and 16.86 / 13.53. Smaller k and E spill too, but were not measured
+#: 10.00 / 8.97 and 16.86 / 13.53. k 2 (runs/sample/h200_s14, call 2: 124 -> 64 registers):
+#: E 256 12.11 / 8.65 -> 7.99 / 7.38, E 128 6.56 / 5.98 -> 5.39 / 4.75
 FP32_LANE_EXPERTS = 16
-FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 8
+FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 2
 
 
 def tree(op, vals: list):

@@ -118,7 +118,7 @@ class TopKRouter:
                  has_bias: bool = False, n_group: int = 1, topk_group: int = 1, group_score: str = "top2_sum",
                  threads: int = 512, max_per_lane: int = 0, prefetch: bool = True,
                  hist: bool = True, values_in_dtype: bool = False, vector_store: bool = True,
-                 stop_idle_warps: bool = True, merge: bool = False, stages: int = 0):
+                 stop_idle_warps: bool = True, merge: bool = False, stages: int = 0, min_ctas: int = 0):
         assert score in SCORES and weight in WEIGHTS and group_score in GROUP_SCORES
         assert not values_in_dtype or weight == "value"
         assert 1 <= k <= min(E, MAX_TOPK)
@@ -151,6 +151,8 @@ class TopKRouter:
         self.store_vec = min(c & -c, 4) if vector_store and c >= 2 else 1
         # a warp stops after its own tokens (False: every warp runs the tile's steps, as before)
         self.stop_idle_warps = stop_idle_warps
+        # registers capped so this many CTAs fit an SM (0: ptxas's choice)
+        self.min_ctas = min_ctas
         # Merge selection (``merge``): the keys' best n = 2**ceil(log2 k) by sorting networks
         # (kernels.sorting: each lane sorts its keys in chunks of n and folds them, then the group
         # folds its lanes' lists over log2(G) shuffle steps) instead of k passes over the keys; for
@@ -173,8 +175,13 @@ class TopKRouter:
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
                  mHist: cute.Tensor, tile: Int32, stream: cuda.CUstream):
         assert mLogits.element_type == self.dtype
-        self.kernel(mLogits, mBias, mIds, mWeights, mHist, tile).launch(
-            grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
+        launch = self.kernel(mLogits, mBias, mIds, mWeights, mHist, tile)
+        if const_expr(self.min_ctas > 0):  # see pack_fp8: the default carveout where there is no device
+            launch.launch(grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream,
+                          min_blocks_per_mp=self.min_ctas,
+                          preferred_smem_carveout=None if torch.cuda.is_available() else -1)
+        else:
+            launch.launch(grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
 
     # -- group-wide reductions over the G lanes of a token (xor shuffles stay in the group) --
     @cute.jit

@@ -189,9 +189,12 @@ def _fp32_truncated_ties(E: int, T: int = 3001) -> torch.Tensor:
     return lg
 
 
-#: the route kernel's merge selection (sorting networks) and shared-memory row ring
+#: the route kernel's merge selection (sorting networks), shared-memory row ring, and register caps
+#: (capped_select: the fp32 select stage's tuning, cute_impl.FP32_SELECT)
 MERGE_RING = {"merge": dict(merge=True), "ring3": dict(stages=3), "merge_ring4": dict(merge=True, stages=4),
-              "merge_ring2_256": dict(merge=True, stages=2, threads=256, max_per_lane=16)}
+              "merge_ring2_256": dict(merge=True, stages=2, threads=256, max_per_lane=16),
+              "capped_select": dict(tile=32, threads=256, max_per_lane=16, min_ctas=4, prefetch=False),
+              "capped2": dict(min_ctas=2)}
 
 
 @pytest.mark.parametrize("variant", list(MERGE_RING))
@@ -199,7 +202,7 @@ MERGE_RING = {"merge": dict(merge=True), "ring3": dict(stages=3), "merge_ring4":
 @pytest.mark.parametrize("E,k", [(256, 8), (256, 2), (128, 8), (8, 8), (8, 2), (160, 6), (60, 4), (1000, 16),
                                  (32, 16), (1024, 1), (64, 3)])
 def test_route_merge_and_ring_agree(variant, dtype, E, k):
-    """The merge selection and the row ring give the reference's ids and weights (route), and
+    """The merge selection, the row ring and capped registers give the reference's ids and weights (route), and
     its ids and the logits at them (select), on tied rows; fp32 also on rows whose best values
     share their truncated bits (the tie check after the merge: the n-th key, or the range test
     where n = k). T is not a multiple of the tile or of a step."""

@@ -3,7 +3,7 @@ config: fresh inputs, the check before timing) written to OUT/<n>/results.parque
 moebench.results.load reads the folder like a sweep. Every variant is an impl key, so each row
 says what ran (cfg.impl.router_stages / router_merge).
 
-  topk:   (fp32: its fp32 half; bf16miss: bf16 E 128 k 2, E 8 k 2 and 8)
+  topk:   (fp32: its fp32 half; bf16miss: bf16 E 128 k 2, E 8 k 2 and 8; fp32k4: fp32 E 256 and 128, k 4)
           bench=topk (route and select) at T 16384 over E {8, 128, 256} x k {2, 8}, bf16 and
           fp32: quack; cute as it was (rows through registers, one pass a slot), with the rows
           through a shared-memory ring of 4 steps (impl.router_stages=4), with the merge
@@ -44,7 +44,8 @@ if extra:  # the variants named on the command line instead of the four above (b
 jobs = []
 GRID = [(d, E, k) for d in ("float32", "bfloat16") for E, k in ((256, 8), (256, 2), (128, 8), (128, 2), (8, 8), (8, 2))]
 SHAPES = {"topk": GRID, "fp32": GRID[:6],  # bf16 where cute's select missed 0.9x quack (tenth session)
-          "bf16miss": [("bfloat16", 128, 2), ("bfloat16", 8, 8), ("bfloat16", 8, 2)]}
+          "bf16miss": [("bfloat16", 128, 2), ("bfloat16", 8, 8), ("bfloat16", 8, 2)],
+          "fp32k4": [("float32", 256, 4), ("float32", 128, 4)]}  # added in the fourteenth session
 for part in parts:
     for dtype, E, k in SHAPES.get(part, []):
         base = ["bench=topk", "tokens=16384", f"experts={E}", f"topk={k}", "timing=rotated", f"dtype={dtype}"]
