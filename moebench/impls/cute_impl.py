@@ -191,8 +191,8 @@ class CuteConfig(ImplConfig):
             raise ConfigError(f"impl.router_merge={v!r} is not accepted; accepted: auto, true, false")
         v = self.select_tile
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SELECT_TILE:
-            raise ConfigError(f"impl.select_tile={v!r} is not accepted; an integer in 0..{MAX_SELECT_TILE} (0: the route's "
-                              "tile)")
+            raise ConfigError(f"impl.select_tile={v!r} is not accepted; an integer in 0..{MAX_SELECT_TILE} (0: the select "
+                              "tuning's tile)")
         accepted("impl.select_tuning", self.select_tuning, SELECT_TUNINGS)
         accepted("impl.decode_threads", self.decode_threads, THREADS)
         for key, top in (("decode_tokens", MAX_DECODE_TOKENS), ("decode_direct_pairs", max(THREADS)),
