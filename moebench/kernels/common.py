@@ -320,6 +320,17 @@ def fake_stream():
 
 
 #: compile options: TVM-FFI calling convention (torch tensors passed straight in)
+def launch_capped(launch, grid, block, stream, min_ctas: int = 0) -> None:
+    """Launch a ``@cute.kernel`` call with registers capped so ``min_ctas`` CTAs fit an SM (0: no
+    cap). CuTeDSL asks the device for its shared memory per SM when no carveout is given; the
+    default carveout (-1) stands in where there is no device (compiling on a CPU)."""
+    if min_ctas > 0:
+        launch.launch(grid=grid, block=block, stream=stream, min_blocks_per_mp=min_ctas,
+                      preferred_smem_carveout=None if torch.cuda.is_available() else -1)
+    else:
+        launch.launch(grid=grid, block=block, stream=stream)
+
+
 COMPILE_OPTIONS = "--enable-tvm-ffi"
 
 

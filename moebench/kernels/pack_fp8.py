@@ -44,6 +44,7 @@ from moebench.kernels.common import (
     fake_stream,
     fake_table,
     fake_vector,
+    launch_capped,
     load_atom,
     probe_empty_row,
     row_vectors,
@@ -97,15 +98,9 @@ class PackScatterFP8:
         grid, zslice = token_ctas, Int32(0)
         if const_expr(self.zero_empty):
             grid, zslice = zero_grid(token_ctas, mQ.shape[0], tl.rows_per_cta, tl.tpr)
-        launch = self.kernel(mX, mScatter, mGather, mQ, mS, token_ctas, zslice)
-        if const_expr(self.min_ctas > 0):  # registers capped for this many CTAs per SM
-            # CuTeDSL asks the device for its shared memory per SM when no carveout is given; the
-            # default carveout (-1) stands in where there is no device (compiling on a CPU)
-            launch.launch(grid=[grid, 1, 1], block=[tl.threads, 1, 1], stream=stream,
-                          min_blocks_per_mp=self.min_ctas,
-                          preferred_smem_carveout=None if torch.cuda.is_available() else -1)
-        else:
-            launch.launch(grid=[grid, 1, 1], block=[tl.threads, 1, 1], stream=stream)
+        # registers capped for min_ctas CTAs per SM (0: none)
+        launch_capped(self.kernel(mX, mScatter, mGather, mQ, mS, token_ctas, zslice), [grid, 1, 1],
+                      [tl.threads, 1, 1], stream, self.min_ctas)
 
     @cute.jit
     def scales(self, amax: Float32):

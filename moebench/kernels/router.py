@@ -66,7 +66,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from moebench.kernels.common import VEC_BYTES
+from moebench.kernels.common import VEC_BYTES, launch_capped
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
 from moebench.kernels.sorting import group_lowest
@@ -175,13 +175,8 @@ class TopKRouter:
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mIds: cute.Tensor, mWeights: cute.Tensor,
                  mHist: cute.Tensor, tile: Int32, stream: cuda.CUstream):
         assert mLogits.element_type == self.dtype
-        launch = self.kernel(mLogits, mBias, mIds, mWeights, mHist, tile)
-        if const_expr(self.min_ctas > 0):  # see pack_fp8: the default carveout where there is no device
-            launch.launch(grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream,
-                          min_blocks_per_mp=self.min_ctas,
-                          preferred_smem_carveout=None if torch.cuda.is_available() else -1)
-        else:
-            launch.launch(grid=[mHist.shape[0], 1, 1], block=[self.threads, 1, 1], stream=stream)
+        launch_capped(self.kernel(mLogits, mBias, mIds, mWeights, mHist, tile), [mHist.shape[0], 1, 1],
+                      [self.threads, 1, 1], stream, self.min_ctas)
 
     # -- group-wide reductions over the G lanes of a token (xor shuffles stay in the group) --
     @cute.jit
