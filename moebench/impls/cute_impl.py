@@ -346,10 +346,10 @@ class CuteImpl(Impl):
     def tune_select(self, T: int, E: int, dtype: torch.dtype) -> dict:
         """The select stage's tile and kernel tuning for T tokens of E logits of ``dtype``
         (impl.select_tuning, impl.select_tile)."""
-        tune = dict(self.tune_route(T), tile=None)
+        tune = dict(self.tune_route(T), tile=self.select_tile)
         if self.select_tuning == "auto" and dtype == torch.float32 and E >= FP32_SELECT_MIN_E and T > MERGE_TOKENS:
-            tune.update(FP32_SELECT)
-        return dict(tune, tile=self.select_tile or tune["tile"])
+            tune.update(FP32_SELECT, tile=self.select_tile or FP32_SELECT["tile"])
+        return tune
 
     def metadata(self, ids, weights, num_experts, capacity: CapacitySpec, num_rows=None) -> RoutingMetadata:
         self.check_device(ids.device)

@@ -319,7 +319,6 @@ def fake_stream():
     return cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
 
 
-#: compile options: TVM-FFI calling convention (torch tensors passed straight in)
 def launch_capped(launch, grid, block, stream, min_ctas: int = 0) -> None:
     """Launch a ``@cute.kernel`` call with registers capped so ``min_ctas`` CTAs fit an SM (0: no
     cap). CuTeDSL asks the device for its shared memory per SM when no carveout is given; the
@@ -331,6 +330,7 @@ def launch_capped(launch, grid, block, stream, min_ctas: int = 0) -> None:
         launch.launch(grid=grid, block=block, stream=stream)
 
 
+#: compile options: TVM-FFI calling convention (torch tensors passed straight in)
 COMPILE_OPTIONS = "--enable-tvm-ffi"
 
 
