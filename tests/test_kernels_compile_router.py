@@ -125,6 +125,38 @@ def test_router_merge_and_ring_bounds():
     assert kr.TopKRouter(FP32, 1024, 16, threads=1024, max_per_lane=32, stages=8).stages == 0  # 1 would fit
 
 
+@pytest.mark.parametrize("dtype,E,k,static,V,carry_next", [
+    (FP32, 256, 8, dict(merge=True, threads=128, prefetch=False), 64, True),
+    (FP32, 128, 2, dict(merge=True, threads=128, prefetch=False, min_ctas=6), 64, True),
+    (FP32, 256, 6, dict(merge=True, threads=512, min_ctas=1), 64, False),  # n 8 > k: the 8th key
+    (FP32, 256, 8, dict(threads=128), 64, False),  # keyed, one pass a slot
+    (BF16, 256, 8, dict(merge=True, threads=128), 64, False),  # exact keys: no tie check
+    (FP32, 1000, 16, dict(merge=True, threads=256), 63, True)])
+def test_router_wide_layout_compiles(dtype, E, k, static, V, carry_next):
+    """64 experts a lane (``max_per_lane=64``, kernels.lanes.WIDE_PER_LANE) where the selection is
+    keyed: the route and the select kernel compile for sm_90a; fp32's merge at n = k carries the
+    k + 1-th key through the networks."""
+    op = kr.TopKRouter(dtype, E, k, max_per_lane=64, **static)
+    assert op.wide and op.keyed and op.lanes.V == V
+    assert (op.merge and dtype is FP32 and op.merge_n == k) == carry_next
+    for weight in (dict(weight="prob"), dict(weight="value", hist=False, values_in_dtype=True)):
+        assert kr.compile_router(dtype, E, k, has_bias=False, max_per_lane=64, **static, **weight) is not None
+
+
+def test_router_wide_layout_only_where_keyed():
+    """Where the selection is not keyed (sigmoid scores, groups, fp32 below FP32_KEYS_MIN_K
+    without merge) max_per_lane=64 holds MAX_PER_LANE at most: it is a most, and the exact
+    per-slot selection keeps every expert in registers twice."""
+    for op in (kr.TopKRouter(FP32, 256, 8, score="sigmoid", max_per_lane=64),
+               kr.TopKRouter(BF16, 256, 8, n_group=8, topk_group=4, max_per_lane=64),
+               kr.TopKRouter(FP32, 256, 2, max_per_lane=64)):
+        assert not op.wide and op.lanes.V == kl.MAX_PER_LANE
+    assert kr.TopKRouter(FP32, 256, 2, max_per_lane=64, merge=True).wide
+    assert not kr.TopKRouter(FP32, 32, 8, max_per_lane=64).wide  # 32 experts: one lane of 32
+    with pytest.raises(AssertionError):
+        kl.LaneLayout.make(256, 4, max_per_lane=128)
+
+
 @pytest.mark.parametrize("E,S,capacity,padded,renorm", [
     (256, 8, False, False, False), (128, 2, True, False, True), (160, 6, True, True, False),
     (1024, 16, False, False, False), (8, 1, True, False, False)])

@@ -48,6 +48,31 @@ def test_group_lowest_is_the_groups_lowest_n_in_every_lane():
     assert ks.group_lowest([5, 3, 9, 1], 2, 1, None, min, max) == [1, 3]
 
 
+def test_with_next_is_the_groups_next_key_after_the_lowest_n():
+    """``with_next``: the n + 1-th lowest of the group (None where it holds n keys or fewer), the
+    fp32 route's tie check without a pass over the keys after the networks."""
+    r = random.Random(1)
+    for _ in range(3000):
+        V = r.choice([1, 2, 3, 4, 5, 8, 12, 16, 20, 32, 64])
+        n = r.choice([m for m in (1, 2, 4, 8, 16) if m <= V])
+        G = r.choice([1, 2, 4, 8, 32])
+        lanes = [[r.randrange(40) for _ in range(V)] for _ in range(G)]
+        got = [ks.lowest(lane, n, min, max, with_next=True) for lane in lanes]
+        for lane, (top, nxt) in zip(lanes, got):
+            want = sorted(lane)
+            assert top == want[:n] and nxt == (want[n] if V > n else None), (V, n)
+        s = 1
+        while s < G:  # group_lowest's xor shuffles at step s
+            got = [(ks.lowest_of_two(got[g][0], got[g ^ s][0], min, max),
+                    ks._lowest_of([got[g][1], got[g ^ s][1], ks.next_of_two(got[g][0], got[g ^ s][0], min, max)], min))
+                   for g in range(G)]
+            s *= 2
+        want = sorted(x for lane in lanes for x in lane)
+        assert all(g == (want[:n], want[n] if len(want) > n else None) for g in got), (V, n, G)
+    assert ks.group_lowest([5, 3, 9, 1], 2, 1, None, min, max, with_next=True) == ([1, 3], 5)
+    assert ks.group_lowest([5, 3], 2, 1, None, min, max, with_next=True) == ([3, 5], None)
+
+
 def test_padding_slots_lose():
     assert ks.lowest([7, 5, 2], 2, min, max) == [2, 5]  # chunks [7, 5] and [2, padding]
     assert ks.sort_ascending([None, 3, None, 1], min, max) == [1, 3, None, None]

@@ -64,7 +64,7 @@ INT32_MAX = 2**31 - 1
 
 
 THREADS = (128, 256, 512, 1024)
-ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32)
+ROUTER_MAX_PER_LANE = (0, 1, 2, 4, 8, 16, 32, 64)
 #: the route kernel's shared-memory row ring: steps of rows it holds (0: through registers)
 ROUTER_STAGES = (0, 2, 3, 4, 6, 8)
 #: the route kernel's register cap: CTAs an SM (0: none)
@@ -130,7 +130,8 @@ class CuteConfig(ImplConfig):
     fp8_tpr: int = 0
     fp8_min_ctas: int = 0
     #: the route kernel: threads per CTA, most experts a lane holds (0: the kernel's choice, 16
-    #: for fp32 logits from E 128 and k 2 at 512+ threads, else 32), prefetch of the next row
+    #: for fp32 logits from E 128 and k 2 at 512+ threads, else 32; 64 only where the selection
+    #: is keyed, kernels.lanes.WIDE_PER_LANE), prefetch of the next row
     router_threads: int = 512
     router_max_per_lane: int = 0
     router_prefetch: bool = True

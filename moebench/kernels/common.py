@@ -180,6 +180,13 @@ def _use(word: Int32, *, loc=None, ip=None) -> None:
 
 
 @cute.jit
+def memory_barrier(word: Int32):
+    """A compiler barrier for memory (no instruction): a load after it is issued again, not
+    taken from the registers of the same load before it."""
+    _use(word)
+
+
+@cute.jit
 def issued(frag: cute.Tensor):
     """The loads into ``frag`` are issued here, before what follows (a compiler barrier: no wait,
     no fence). A load whose only use is a store under ``if dst >= 0`` is otherwise moved into the

@@ -17,6 +17,10 @@ from moebench.kernels.common import VEC_BYTES
 #: most experts per lane (register budget) and per token (32 lanes x 32)
 MAX_PER_LANE = 32
 MAX_EXPERTS = 1024
+#: most experts per lane of a *wide* layout (asked for with max_per_lane): only the keyed route
+#: holds it (one int32 key an expert, the row read again for the exact selection after a tie),
+#: like quack's top-k, 64 values a thread and 4 threads a row at E 256
+WIDE_PER_LANE = 64
 #: fp32 logits in CTAs of 512 threads or more (128 registers a thread) hold at most this many
 #: experts a lane from FP32_NARROW_MIN_E experts and FP32_NARROW_MIN_K slots on (the default,
 #: max_per_lane=0): 32 a lane spill 256-268 bytes a thread (ptxas, every fp32 layout of 32 a lane,
@@ -30,7 +34,13 @@ FP32_NARROW_MIN_E, FP32_NARROW_MIN_K = 128, 2
 
 
 def tree(op, vals: list):
-    """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n)."""
+    """Reduce a static list pairwise (a tree: log2(n) dependent steps, not n); a wide lane's list
+    (more than MAX_PER_LANE) first into 8 chains, so half the list is not live at once."""
+    if len(vals) > MAX_PER_LANE:
+        acc = list(vals[:8])
+        for i in range(8, len(vals)):
+            acc[i % 8] = op(acc[i % 8], vals[i])
+        vals = acc
     while len(vals) > 1:
         vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
     return vals[0]
@@ -63,7 +73,8 @@ class LaneLayout:
     def make(cls, E: int, elem_bytes: int, group_size: int = 0, max_per_lane: int = MAX_PER_LANE) -> "LaneLayout":
         """The fewest experts per lane that fit ``max_per_lane`` (fewer shuffles per slot),
         or, with ``group_size`` (group-limited routers), whole groups per lane."""
-        assert 1 <= E <= MAX_EXPERTS
+        assert 1 <= E <= MAX_EXPERTS and max_per_lane <= WIDE_PER_LANE
+        cap = max(max_per_lane, MAX_PER_LANE)
         max_per_lane = max(max_per_lane, -(-E // 32))  # at most a warp per token
         if group_size:
             per_lane = group_size * max(1, max_per_lane // group_size)
@@ -72,7 +83,7 @@ class LaneLayout:
         else:
             G = _pow2_ceil(-(-E // max_per_lane))
             V = -(-E // G)
-        assert G <= 32 and V <= MAX_PER_LANE
+        assert G <= 32 and V <= cap
         # widest vector (up to 16 bytes) that divides both the row and each lane's share
         W = VEC_BYTES // elem_bytes
         while W > 1 and (E % W or V % W):

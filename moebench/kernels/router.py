@@ -66,9 +66,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from moebench.kernels.common import VEC_BYTES, launch_capped
+from moebench.kernels.common import VEC_BYTES, launch_capped, memory_barrier
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
-from moebench.kernels.lanes import LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
+from moebench.kernels.lanes import MAX_PER_LANE, LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
 from moebench.kernels.sorting import group_lowest
 
 MAX_TOPK = 16
@@ -130,7 +130,14 @@ class TopKRouter:
         self.grouped = n_group > 1
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         gs = E // n_group if self.grouped else 0
-        self.lanes = LaneLayout.make(E, dtype.width // 8, gs, max_per_lane or lane_experts(dtype, E, k, threads))
+        on_logits = score == "logit" and not self.grouped
+        # a wide layout (more than MAX_PER_LANE experts a lane, asked for with max_per_lane) only
+        # where the selection is keyed (below): one int32 a key, the row read again after a tie;
+        # elsewhere max_per_lane is capped at MAX_PER_LANE (it is a most)
+        keyable = on_logits and (dtype.width == 16 or merge or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
+        per_lane = max_per_lane if keyable else min(max_per_lane, MAX_PER_LANE)
+        self.lanes = LaneLayout.make(E, dtype.width // 8, gs, per_lane or lane_experts(dtype, E, k, threads))
+        self.wide = self.lanes.V > MAX_PER_LANE
         self.prefetch = prefetch  # load the next token's row before selecting on this one
         # stages > 0: the rows come through a ring of `stages` steps in shared memory instead
         # (cp.async, stages - 1 steps ahead, each lane its own vectors: no barrier), so more
@@ -157,7 +164,6 @@ class TopKRouter:
         # (kernels.sorting: each lane sorts its keys in chunks of n and folds them, then the group
         # folds its lanes' lists over log2(G) shuffle steps) instead of k passes over the keys; for
         # fp32 the k + 1-th key is the n-th (n > k) or a range test on each lane's keys (n = k)
-        on_logits = score == "logit" and not self.grouped
         self.merge_n = 1 << (k - 1).bit_length()
         self.merge = merge and on_logits and self.lanes.V >= self.merge_n
         # logits selected as they are: value and index fit one int32 key (see route_tile). A
@@ -167,6 +173,7 @@ class TopKRouter:
         # FP32_KEYS_MIN_K slots and FP32_KEYS_MIN_E experts on, where the keys' cheaper slots
         # pay for the extra one and the read-back, and wherever the merge selection runs
         self.keyed = on_logits and (dtype.width == 16 or self.merge or (k >= FP32_KEYS_MIN_K and E >= FP32_KEYS_MIN_E))
+        assert self.keyed or not self.wide
         self.exact_keys = dtype.width == 16
         self.drop_bits = 16 if dtype is cutlass.BFloat16 else 13 if dtype.width == 16 else max(1, (E - 1).bit_length())
         assert E <= 1 << self.drop_bits
@@ -191,13 +198,21 @@ class TopKRouter:
 
     @cute.jit
     def load_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, dst: cute.Tensor):
-        """This lane's experts of row ``t`` into ``dst`` (left as they are past ``t_end``)."""
+        """This lane's experts of row ``t`` into ``dst`` (left as they are past ``t_end``; a wide
+        layout loads row ``t_end - 1`` there instead, so what ``dst`` held is dead: 64 registers
+        not kept across the selection)."""
         W, V = self.lanes.W, self.lanes.V
-        if t < t_end:
-            gRow = cute.zipped_divide(mLogits[t, None], (W,))
+        if const_expr(self.wide):
+            gRow = cute.zipped_divide(mLogits[cutlass.min(t, t_end - 1), None], (W,))
             for i in cutlass.range_constexpr(V // W):
                 if base + i * W < self.E:
                     cute.copy(atom, gRow[None, base // W + i], dst[None, i])
+        else:
+            if t < t_end:
+                gRow = cute.zipped_divide(mLogits[t, None], (W,))
+                for i in cutlass.range_constexpr(V // W):
+                    if base + i * W < self.E:
+                        cute.copy(atom, gRow[None, base // W + i], dst[None, i])
 
     @cute.jit
     def fetch_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, sRing: cute.Tensor,
@@ -255,6 +270,9 @@ class TopKRouter:
 
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=W * self.dtype.width)
         raw = cute.make_rmem_tensor((W, V // W), self.dtype)
+        if const_expr(self.wide):  # the exact selection's second load of a row (another op: not merged)
+            reload_atom = cute.make_copy_atom(cute.nvgpu.CopyG2ROp(), self.dtype, num_bits_per_copy=W * self.dtype.width,
+                                              l1c_evict_priority=cute.nvgpu.CacheEvictionPriority.NO_ALLOCATE)
         ring = sRing is not None
         prefetch = self.prefetch and not ring
         if const_expr(prefetch):
@@ -332,8 +350,13 @@ class TopKRouter:
                     src[v] = x[v]
             # softmax over all E (the "prob" weights): group max and sum of exp
             row_max = Float32(0.0)
-            if const_expr(self.weight == "prob" and self.grouped):  # the best group may not hold the max
+            # the best group may not hold the max; a wide layout takes the sum before the keys, so
+            # the row's registers are free during the selection
+            early = self.weight == "prob" and (self.grouped or self.wide)
+            if const_expr(early):
                 row_max = self.group_reduce(cute.arch.fmax, tree(cute.arch.fmax, [x[v] for v in range(V)]))
+            if const_expr(early and self.wide):
+                inv = self.inv_row_sum(x, base, row_max)
             # -- group-limited: keep the experts of the best topk_group groups ---------------
             if const_expr(self.grouped):
                 gs, gpl = self.group_size, self.groups_per_lane
@@ -383,7 +406,12 @@ class TopKRouter:
                         keys[v] = Int32(2**31 - 1)
                 key = Int32(0)
                 tie = Int32(0)  # fp32: two of the k + 1 best share their truncated value
-                if const_expr(self.merge):  # the group's best n keys, best first, in every lane
+                # a wide layout's merge (n = k) carries the k + 1-th key through the networks, so the
+                # keys are not kept for the tie check (64 registers)
+                carry_next = self.merge and self.wide and not self.exact_keys and self.merge_n == k and k < E
+                if const_expr(carry_next):
+                    top, top_next = group_lowest([keys[v] for v in range(V)], k, G, _shuffle_xor, with_next=True)
+                elif const_expr(self.merge):  # the group's best n keys, best first, in every lane
                     top = group_lowest([keys[v] for v in range(V)], self.merge_n, G, _shuffle_xor)
                 for j in cutlass.range_constexpr(k):
                     prev = key
@@ -407,6 +435,10 @@ class TopKRouter:
                             nxt_key = self.select_keyed(keys, key, False)
                         if (nxt_key & Int32(~mask)) == (key & Int32(~mask)):
                             tie = Int32(1)
+                    elif const_expr(carry_next):
+                        nxt_key = Int32(0) - top_next
+                        if (nxt_key & Int32(~mask)) == (key & Int32(~mask)):
+                            tie = Int32(1)
                     elif const_expr(k < E):  # merged n = k: does a key of this lane share the k-th's
                         # truncated value below it? (-key in (-k-th, -truncated k-th])
                         worst = Int32(0) - (key & Int32(~mask))
@@ -419,9 +451,21 @@ class TopKRouter:
                     # selects again on the exact values; then the selected logits are read
                     # back (just loaded: the L1) for the weights.
                     if cute.arch.vote_any_sync(tie != Int32(0)):
+                        if const_expr(self.wide):  # the row again (the L1), not kept in registers: after
+                            # a memory clobber, so the compiler cannot reuse the first load's registers
+                            memory_barrier(tie)
+                            self.load_row(mLogits, t, t_end, base, reload_atom, raw)
+                            sel.store(raw.load().to(Float32))
+                            for v in cutlass.range_constexpr(V):
+                                if base + v >= E:
+                                    sel[v] = Float32.nan
                         for j in cutlass.range_constexpr(k):
                             ids[j], wts[j] = self.select(sel, src, base, V, True)
-                    if active:
+                    if const_expr(self.wide):  # unconditionally (a lane past the tile has row t_end - 1's
+                        # ids): under a branch the compiler sinks the selection into it, keys and all
+                        for j in cutlass.range_constexpr(k):
+                            wts[j] = mLogits[cutlass.min(t, t_end - 1), ids[j]]
+                    elif active:
                         for j in cutlass.range_constexpr(k):
                             wts[j] = mLogits[t, ids[j]]
             else:
@@ -429,16 +473,10 @@ class TopKRouter:
                     ids[j], wts[j] = self.select(sel, src, base, V, self.score == "logit")
             # -- gate weights ----------------------------------------------------------------------
             if const_expr(self.weight == "prob"):
-                if const_expr(not self.grouped):
+                if const_expr(not early):
                     row_max = wts[0]  # the first slot holds the largest logit
-                terms = []
-                for v in cutlass.range_constexpr(V):
-                    term = cute.math.exp2((x[v] - row_max) * _LOG2E, fastmath=True)
-                    if base + v >= E:
-                        term = Float32(0.0)
-                    terms.append(term)
-                row_sum = self.group_reduce(_add, tree(_add, terms))
-                inv = Float32(1.0) / row_sum
+                if const_expr(not (early and self.wide)):
+                    inv = self.inv_row_sum(x, base, row_max)
                 for j in cutlass.range_constexpr(k):
                     wts[j] = cute.math.exp2((wts[j] - row_max) * _LOG2E, fastmath=True) * inv
             elif const_expr(self.weight in ("softmax_k", "sum_k")):
@@ -503,6 +541,17 @@ class TopKRouter:
                         mIds[t, j] = ids[j]
                         mWeights[t, j] = wts[j].to(self.out_dtype)
                         self.keep_slot(sHist, sIds, ids[j], (t - t0) * k + j)
+
+    @cute.jit
+    def inv_row_sum(self, x: cute.Tensor, base: Int32, row_max: Float32) -> Float32:
+        """1 / the sum over the token's experts of exp(x - row_max) (the softmax's denominator)."""
+        terms = []
+        for v in cutlass.range_constexpr(self.lanes.V):
+            term = cute.math.exp2((x[v] - row_max) * _LOG2E, fastmath=True)
+            if base + v >= self.E:
+                term = Float32(0.0)
+            terms.append(term)
+        return Float32(1.0) / self.group_reduce(_add, tree(_add, terms))
 
     @cute.jit
     def keep_slot(self, sHist: cute.Tensor, sIds: cute.Tensor, e: Int32, pos: Int32):

@@ -80,21 +80,45 @@ def lowest_of_two(a: list, b: list, lo=cutlass.min, hi=cutlass.max) -> list:
     return _exchange(c, bitonic_merge_pairs(n), lo, hi)
 
 
-def lowest(vals: list, n: int, lo=cutlass.min, hi=cutlass.max) -> list:
-    """The lowest ``n`` (a power of two, at most len(vals)) of a lane's ``vals``, ascending."""
+def _lowest_of(vals: list, lo):
+    """The lowest of ``vals`` (None: last-ranked), pairwise; None if all are."""
+    vals = [v for v in vals if v is not None]
+    while len(vals) > 1:
+        vals = [lo(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0] if vals else None
+
+
+def next_of_two(a: list, b: list, lo=cutlass.min, hi=cutlass.max):
+    """The n + 1-th lowest of two ascending lists of n: the lowest of the upper half
+    max(a[i], b[n-1-i]) (None if every pair holds a padding slot)."""
+    return _lowest_of([None if x is None or y is None else hi(x, y) for x, y in zip(a, reversed(b))], lo)
+
+
+def lowest(vals: list, n: int, lo=cutlass.min, hi=cutlass.max, with_next: bool = False):
+    """The lowest ``n`` (a power of two, at most len(vals)) of a lane's ``vals``, ascending; with
+    ``with_next``, also the n + 1-th lowest (None where the lane has n keys or fewer): the lowest
+    of what each fold drops, so the keys need not be kept for one more pass."""
     assert n & (n - 1) == 0 and 1 <= n <= len(vals)
     chunks = [list(vals[c:c + n]) for c in range(0, len(vals), n)]
     chunks[-1] += [None] * (n - len(chunks[-1]))
     top = sort_ascending(chunks[0], lo, hi)
+    nxt = None
     for chunk in chunks[1:]:
-        top = lowest_of_two(top, sort_ascending(chunk, lo, hi), lo, hi)
-    return top
+        chunk = sort_ascending(chunk, lo, hi)
+        if with_next:
+            nxt = _lowest_of([nxt, next_of_two(top, chunk, lo, hi)], lo)
+        top = lowest_of_two(top, chunk, lo, hi)
+    return (top, nxt) if with_next else top
 
 
-def group_lowest(vals: list, n: int, G: int, shuffle, lo=cutlass.min, hi=cutlass.max) -> list:
+def group_lowest(vals: list, n: int, G: int, shuffle, lo=cutlass.min, hi=cutlass.max, with_next: bool = False):
     """The lowest ``n`` of a lane group's keys (``vals`` this lane's, G lanes a power of two up to
-    a warp), ascending, in every lane of the group; ``shuffle(x, offset)`` = x of lane ^ offset."""
-    top = lowest(vals, n, lo, hi)
+    a warp), ascending, in every lane of the group; ``shuffle(x, offset)`` = x of lane ^ offset.
+    With ``with_next``, also the group's n + 1-th lowest (None where the group has n keys or fewer)."""
+    top, nxt = lowest(vals, n, lo, hi, True) if with_next else (lowest(vals, n, lo, hi), None)
     for s in range(int(math.log2(G))):
-        top = lowest_of_two(top, [shuffle(x, 1 << s) for x in top], lo, hi)
-    return top
+        other = [None if x is None else shuffle(x, 1 << s) for x in top]
+        if with_next:  # every lane holds the same static pattern of padding slots
+            nxt = _lowest_of([nxt, None if nxt is None else shuffle(nxt, 1 << s), next_of_two(top, other, lo, hi)], lo)
+        top = lowest_of_two(top, other, lo, hi)
+    return (top, nxt) if with_next else top

@@ -190,11 +190,16 @@ def _fp32_truncated_ties(E: int, T: int = 3001) -> torch.Tensor:
 
 
 #: the route kernel's merge selection (sorting networks), shared-memory row ring, and register caps
-#: (capped_select: the fp32 select stage's tuning, cute_impl.FP32_SELECT)
+#: (capped_select: the fp32 select stage's tuning, cute_impl.FP32_SELECT; wide_*: 64 experts a lane)
 MERGE_RING = {"merge": dict(merge=True), "ring3": dict(stages=3), "merge_ring4": dict(merge=True, stages=4),
               "merge_ring2_256": dict(merge=True, stages=2, threads=256, max_per_lane=16),
               "capped_select": dict(tile=32, threads=256, max_per_lane=16, min_ctas=4, prefetch=False),
-              "capped2": dict(min_ctas=2)}
+              "capped2": dict(min_ctas=2),
+              # wide layouts (64 experts a lane, keyed selections only; others hold 32)
+              "wide_select": dict(tile=32, threads=128, max_per_lane=64, merge=True, prefetch=False),
+              "wide_capped": dict(tile=32, threads=128, max_per_lane=64, merge=True, prefetch=False, min_ctas=6),
+              "wide_route": dict(threads=512, max_per_lane=64, merge=True, min_ctas=1),
+              "wide_keys": dict(threads=128, max_per_lane=64)}
 
 
 @pytest.mark.parametrize("variant", list(MERGE_RING))
