@@ -181,8 +181,9 @@ def _use(word: Int32, *, loc=None, ip=None) -> None:
 
 @cute.jit
 def memory_barrier(word: Int32):
-    """A compiler barrier for memory (no instruction): a load after it is issued again, not
-    taken from the registers of the same load before it."""
+    """A compiler barrier for memory (no instruction): LLVM neither moves nor merges memory
+    accesses across it. ptxas still may (it merged a plain reload of a row with the first load
+    after one: the route kernel's wide reload also takes another load op, ``L1::no_allocate``)."""
     _use(word)
 
 

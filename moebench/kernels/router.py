@@ -31,6 +31,12 @@ probabilities, which the reference then orders by index), sigmoid scores use the
 rounded ``1 / (1 + exp(-x))`` torch uses, plus the fp32 bias. Gate weights are computed in
 fp32 (within 1e-5 of the reference).
 
+A *wide* layout (``max_per_lane`` above ``lanes.MAX_PER_LANE``, up to 64: quack's shape, 4 lanes a
+token at E 256) is for keyed selections only: the row is not kept for the exact selection after a
+tie (loaded again), the softmax's sum is taken before the keys, and fp32's merge at n = k carries
+the k + 1-th key through its folds (``sorting.lowest(..., with_next=True)``). Slower than the
+default on an H200 at every fp32 shape measured (``notes/router.md``, fifteenth session).
+
 Two variants (static, off by default in the kernel; ``impl.router_merge`` / ``router_stages``):
 ``merge`` takes the keys' best n = 2**ceil(log2 k) by sorting networks (``kernels.sorting``:
 each lane sorts its keys in chunks of n and folds them, then log2(G) shuffle steps fold the
