@@ -73,6 +73,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from moebench.kernels.common import VEC_BYTES, launch_capped, memory_barrier
+from moebench.kernels.gates import inv_row_sum, slot_weights
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 from moebench.kernels.lanes import MAX_PER_LANE, LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
 from moebench.kernels.sorting import group_lowest
@@ -102,10 +103,6 @@ WEIGHTS = ("prob", "softmax_k", "sum_k", "score", "one", "value")
 GROUP_SCORES = ("top2_sum", "max")
 
 _LOG2E = math.log2(math.e)
-
-
-def _add(a, b):
-    return a + b
 
 
 def _shuffle_xor(x, offset: int):
@@ -362,7 +359,7 @@ class TopKRouter:
             if const_expr(early):
                 row_max = self.group_reduce(cute.arch.fmax, tree(cute.arch.fmax, [x[v] for v in range(V)]))
             if const_expr(early and self.wide):
-                inv = self.inv_row_sum(x, base, row_max)
+                inv = inv_row_sum(x, base, row_max, V, E, G)
             # -- group-limited: keep the experts of the best topk_group groups ---------------
             if const_expr(self.grouped):
                 gs, gpl = self.group_size, self.groups_per_lane
@@ -482,45 +479,10 @@ class TopKRouter:
                 if const_expr(not early):
                     row_max = wts[0]  # the first slot holds the largest logit
                 if const_expr(not (early and self.wide)):
-                    inv = self.inv_row_sum(x, base, row_max)
+                    inv = inv_row_sum(x, base, row_max, V, E, G)
                 for j in cutlass.range_constexpr(k):
                     wts[j] = cute.math.exp2((wts[j] - row_max) * _LOG2E, fastmath=True) * inv
-            elif const_expr(self.weight in ("softmax_k", "sum_k")):
-                if const_expr(self.temperature != 1.0):
-                    for j in cutlass.range_constexpr(k):
-                        wts[j] = wts[j] / Float32(self.temperature)
-                if const_expr(self.weight == "softmax_k"):
-                    mk = wts[0]
-                    for j in cutlass.range_constexpr(1, k):
-                        mk = cute.arch.fmax(mk, wts[j])
-                    for j in cutlass.range_constexpr(k):
-                        wts[j] = cute.math.exp2((wts[j] - mk) * _LOG2E, fastmath=True)
-                    tot = wts[0]
-                    for j in cutlass.range_constexpr(1, k):
-                        tot += wts[j]
-                    for j in cutlass.range_constexpr(k):
-                        wts[j] = wts[j] / tot
-                else:  # divide by the signed sum; clamp only a sum >= 0 (like the reference)
-                    tot = wts[0]
-                    for j in cutlass.range_constexpr(1, k):
-                        tot += wts[j]
-                    if tot >= Float32(0.0):
-                        tot = cute.arch.fmax(tot, Float32(1e-20))
-                    for j in cutlass.range_constexpr(k):
-                        wts[j] = wts[j] / tot
-            elif const_expr(self.weight == "one"):
-                for j in cutlass.range_constexpr(k):
-                    wts[j] = Float32(1.0)
-            if const_expr(self.renormalize):
-                tot = wts[0]
-                for j in cutlass.range_constexpr(1, k):
-                    tot += wts[j]
-                tot = cute.arch.fmax(tot, Float32(1e-20))
-                for j in cutlass.range_constexpr(k):
-                    wts[j] = wts[j] / tot
-            if const_expr(self.scaling != 1.0):
-                for j in cutlass.range_constexpr(k):
-                    wts[j] = wts[j] * Float32(self.scaling)
+            slot_weights(wts, k, self.weight, self.temperature, self.renormalize, self.scaling)
             # -- write: slot j by lane j // c (c = k / G consecutive slots each, as vectors) or
             # by lane j % G; count it in the tile's histogram ---------------------------------------
             if const_expr(self.store_vec > 1):
@@ -547,17 +509,6 @@ class TopKRouter:
                         mIds[t, j] = ids[j]
                         mWeights[t, j] = wts[j].to(self.out_dtype)
                         self.keep_slot(sHist, sIds, ids[j], (t - t0) * k + j)
-
-    @cute.jit
-    def inv_row_sum(self, x: cute.Tensor, base: Int32, row_max: Float32) -> Float32:
-        """1 / the sum over the token's experts of exp(x - row_max) (the softmax's denominator)."""
-        terms = []
-        for v in cutlass.range_constexpr(self.lanes.V):
-            term = cute.math.exp2((x[v] - row_max) * _LOG2E, fastmath=True)
-            if base + v >= self.E:
-                term = Float32(0.0)
-            terms.append(term)
-        return Float32(1.0) / self.group_reduce(_add, tree(_add, terms))
 
     @cute.jit
     def keep_slot(self, sHist: cute.Tensor, sIds: cute.Tensor, e: Int32, pos: Int32):
