@@ -180,14 +180,6 @@ def _use(word: Int32, *, loc=None, ip=None) -> None:
 
 
 @cute.jit
-def memory_barrier(word: Int32):
-    """A compiler barrier for memory (no instruction): LLVM neither moves nor merges memory
-    accesses across it. ptxas still may (it merged a plain reload of a row with the first load
-    after one: the route kernel's wide reload also takes another load op, ``L1::no_allocate``)."""
-    _use(word)
-
-
-@cute.jit
 def issued(frag: cute.Tensor):
     """The loads into ``frag`` are issued here, before what follows (a compiler barrier: no wait,
     no fence). A load whose only use is a store under ``if dst >= 0`` is otherwise moved into the

@@ -31,11 +31,9 @@ probabilities, which the reference then orders by index), sigmoid scores use the
 rounded ``1 / (1 + exp(-x))`` torch uses, plus the fp32 bias. Gate weights are computed in
 fp32 (within 1e-5 of the reference).
 
-A *wide* layout (``max_per_lane`` above ``lanes.MAX_PER_LANE``, up to 64: quack's shape, 4 lanes a
-token at E 256) is for keyed selections only: the row is not kept for the exact selection after a
-tie (loaded again), the softmax's sum is taken before the keys, and fp32's merge at n = k carries
-the k + 1-th key through its folds (``sorting.lowest(..., with_next=True)``). Slower than the
-default on an H200 at every fp32 shape measured (``notes/router.md``, fifteenth session).
+A *wide* layout (``max_per_lane`` up to 64, quack's shape) is for keyed selections only: the row
+loaded again after a tie, the softmax's sum before the keys, fp32's merge at n = k carrying the
+k + 1-th key (``sorting.lowest(with_next=True)``). Slower on an H200 (``notes/router.md``).
 
 Two variants (static, off by default in the kernel; ``impl.router_merge`` / ``router_stages``):
 ``merge`` takes the keys' best n = 2**ceil(log2 k) by sorting networks (``kernels.sorting``:
@@ -72,7 +70,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from moebench.kernels.common import VEC_BYTES, launch_capped, memory_barrier
+from moebench.kernels.common import VEC_BYTES, launch_capped
 from moebench.kernels.gates import inv_row_sum, slot_weights
 from moebench.kernels.histogram import clear_hist, hist_cols, store_hist_row
 from moebench.kernels.lanes import MAX_PER_LANE, LaneLayout, lane_experts, lane_group_reduce, select_keyed, select_max, tree
@@ -204,18 +202,28 @@ class TopKRouter:
         """This lane's experts of row ``t`` into ``dst`` (left as they are past ``t_end``; a wide
         layout loads row ``t_end - 1`` there instead, so what ``dst`` held is dead: 64 registers
         not kept across the selection)."""
-        W, V = self.lanes.W, self.lanes.V
         if const_expr(self.wide):
-            gRow = cute.zipped_divide(mLogits[cutlass.min(t, t_end - 1), None], (W,))
-            for i in cutlass.range_constexpr(V // W):
-                if base + i * W < self.E:
-                    cute.copy(atom, gRow[None, base // W + i], dst[None, i])
+            self.copy_row(mLogits, cutlass.min(t, t_end - 1), base, atom, dst)
         else:
             if t < t_end:
-                gRow = cute.zipped_divide(mLogits[t, None], (W,))
-                for i in cutlass.range_constexpr(V // W):
-                    if base + i * W < self.E:
-                        cute.copy(atom, gRow[None, base // W + i], dst[None, i])
+                self.copy_row(mLogits, t, base, atom, dst)
+
+    @cute.jit
+    def copy_row(self, mLogits: cute.Tensor, t: Int32, base: Int32, atom, dst: cute.Tensor):
+        """This lane's experts of row ``t`` into ``dst`` (vectors of W; none past E)."""
+        W, V = self.lanes.W, self.lanes.V
+        gRow = cute.zipped_divide(mLogits[t, None], (W,))
+        for i in cutlass.range_constexpr(V // W):
+            if base + i * W < self.E:
+                cute.copy(atom, gRow[None, base // W + i], dst[None, i])
+
+    @cute.jit
+    def as_fp32(self, raw: cute.Tensor, dst: cute.Tensor, base: Int32):
+        """A loaded row share ``raw`` as fp32 in ``dst``, NaN past E (never selected)."""
+        dst.store(raw.load().to(Float32))
+        for v in cutlass.range_constexpr(self.lanes.V):
+            if base + v >= self.E:
+                dst[v] = Float32.nan
 
     @cute.jit
     def fetch_row(self, mLogits: cute.Tensor, t: Int32, t_end: Int32, base: Int32, atom, sRing: cute.Tensor,
@@ -335,10 +343,7 @@ class TopKRouter:
                 self.load_row(mLogits, t + groups, t_end, base, atom, nxt)
             else:
                 self.load_row(mLogits, t, t_end, base, atom, raw)
-            x.store(raw.load().to(Float32))
-            for v in cutlass.range_constexpr(V):
-                if base + v >= E:
-                    x[v] = Float32.nan
+            self.as_fp32(raw, x, base)
             # -- selection scores ------------------------------------------------------------
             for v in cutlass.range_constexpr(V):
                 if const_expr(self.score == "sigmoid"):
@@ -454,14 +459,10 @@ class TopKRouter:
                     # selects again on the exact values; then the selected logits are read
                     # back (just loaded: the L1) for the weights.
                     if cute.arch.vote_any_sync(tie != Int32(0)):
-                        if const_expr(self.wide):  # the row again (the L1), not kept in registers: after
-                            # a memory clobber, so the compiler cannot reuse the first load's registers
-                            memory_barrier(tie)
+                        if const_expr(self.wide):  # the row again (the L1), not kept in registers: by
+                            # another load op, which ptxas does not merge with the first load
                             self.load_row(mLogits, t, t_end, base, reload_atom, raw)
-                            sel.store(raw.load().to(Float32))
-                            for v in cutlass.range_constexpr(V):
-                                if base + v >= E:
-                                    sel[v] = Float32.nan
+                            self.as_fp32(raw, sel, base)
                         for j in cutlass.range_constexpr(k):
                             ids[j], wts[j] = self.select(sel, src, base, V, True)
                     if const_expr(self.wide):  # unconditionally (a lane past the tile has row t_end - 1's

@@ -23,6 +23,8 @@ import math
 
 import cutlass
 
+from moebench.kernels.lanes import tree
+
 
 def batcher_pairs(n: int) -> list[tuple[int, int]]:
     """The compare-exchanges (i < j: the lower value to i) of Batcher's odd-even merge sort of
@@ -83,9 +85,7 @@ def lowest_of_two(a: list, b: list, lo=cutlass.min, hi=cutlass.max) -> list:
 def _lowest_of(vals: list, lo):
     """The lowest of ``vals`` (None: last-ranked), pairwise; None if all are."""
     vals = [v for v in vals if v is not None]
-    while len(vals) > 1:
-        vals = [lo(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
-    return vals[0] if vals else None
+    return tree(lo, vals) if vals else None
 
 
 def next_of_two(a: list, b: list, lo=cutlass.min, hi=cutlass.max):
